@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny models built from configs in code (no network), the GLUE data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+# name -> (config class, model class, kwargs, number of blocks per stack)
+TINY = {
+    "bert": ("BertConfig", "BertForSequenceClassification", {}),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {"pad_token_id": 1}),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", {}),
+    "deberta-v2": (
+        "DebertaV2Config",
+        "DebertaV2ForSequenceClassification",
+        {"relative_attention": True, "position_buckets": 8, "pos_att_type": ["p2c", "c2p"]},
+    ),
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {"embedding_size": 16}),
+    "gpt2": ("GPT2Config", "GPT2ForSequenceClassification", {"pad_token_id": 0}),
+    "llama": ("LlamaConfig", "LlamaForSequenceClassification", {"pad_token_id": 0, "num_key_value_heads": 2}),
+    "t5": ("T5Config", "T5ForConditionalGeneration", {}),
+    "bart": ("BartConfig", "BartForSequenceClassification", {}),
+}
+ENCODER_DECODER = {"t5", "bart"}
+ARCHS = list(TINY)
+
+
+def tiny_config(arch: str, num_layers: int = 4, num_labels: int = 2, **overrides):
+    cfg_cls, _, extra = TINY[arch]
+    kwargs = dict(vocab_size=100, num_labels=num_labels)
+    if arch == "distilbert":
+        kwargs.update(dim=32, n_layers=num_layers, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+    elif arch == "gpt2":
+        kwargs.update(n_embd=32, n_layer=num_layers, n_head=2, n_positions=64)
+    elif arch == "t5":
+        kwargs.update(
+            d_model=32, d_kv=16, d_ff=64, num_layers=num_layers, num_decoder_layers=num_layers - 1, num_heads=2
+        )
+    elif arch == "bart":
+        kwargs.update(
+            d_model=32,
+            encoder_layers=num_layers,
+            decoder_layers=num_layers - 1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+        )
+    else:
+        kwargs.update(
+            hidden_size=32,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    return getattr(transformers, cfg_cls)(**kwargs)
+
+
+def tiny_model(arch: str = "bert", num_layers: int = 4, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(arch, num_layers, **overrides)
+    return getattr(transformers, TINY[arch][1])(config)
+
+
+def stack_sizes(arch: str, num_layers: int = 4) -> list[int]:
+    return [num_layers, num_layers - 1] if arch in ENCODER_DECODER else [num_layers]
+
+
+@pytest.fixture
+def glue_dir() -> Path:
+    if not (GLUE_DIR / "MRPC" / "train.tsv").exists():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR} (set GLUE_DIR)")
+    return GLUE_DIR
