@@ -5,8 +5,8 @@ read it. It is computed from the model's own structure:
 
 1. the repeated transformer blocks are the ``nn.ModuleList`` whose items all have one class (preferring classes named
    in the model's ``_no_split_modules``); nested lists inside a block are ignored, so each stack is the outermost one;
-2. an encoder-decoder has one stack per ``ModuleList`` (``encoder.block`` and ``decoder.block`` in T5), each with its own
-   depth;
+2. an encoder-decoder has one stack per ``ModuleList`` (``encoder.block`` and ``decoder.block`` in T5), each with
+   its own depth;
 3. a parameter outside every block belongs to the stack whose parent module holds it (``encoder.final_layer_norm``
    belongs to the encoder), or, outside every stack's parent, to the stack it is registered nearest to;
 4. inside its stack, a parameter registered before the first block, or whose module path mentions ``embed``
@@ -64,7 +64,7 @@ class LayerMap:
     module_units: dict[str, tuple[str, str, int | None]] = field(default_factory=dict)
 
     def unit(self, param_name: str) -> str:
-        """Readable unit of a parameter: ``embeddings``, ``block_03``, ``head`` (prefixed ``encoder/`` with several stacks)."""
+        """Readable unit of a parameter: ``embeddings``, ``block_03``, ``head`` (``encoder/`` prefix if several)."""
         info = self.params[param_name]
         return unit_name(info.stack, info.role, info.depth)
 
@@ -226,7 +226,7 @@ def layer_map(model: nn.Module, layers_pattern: str | None = None) -> LayerMap:
     labels = _labels([n for n, _ in found])
     stacks = {
         label: StackInfo(label, name, len(blocks), tuple(f"{name}.{i}" for i in range(len(blocks))))
-        for label, (name, blocks) in zip(labels, found)
+        for label, (name, blocks) in zip(labels, found, strict=True)
     }
 
     # Position of each module in registration order; blocks give anchor positions per stack.
