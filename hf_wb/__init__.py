@@ -1,3 +1,27 @@
 """hf_wb: weights and biases as first-class objects of fine-tuning with the Hugging Face Trainer."""
 
 __version__ = "0.1.0"
+
+from hf_wb.config import CONFIG_NAME, WBConfig  # noqa: E402
+from hf_wb.freezing import FreezePlan, freeze, is_eval_pinned, plan_freeze, unfreeze  # noqa: E402
+from hf_wb.layers import LayerMap, ParamInfo, StackInfo, layer_map  # noqa: E402
+from hf_wb.param_groups import build_param_groups, lr_multipliers  # noqa: E402
+from hf_wb.trainer import WBTrainer  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "CONFIG_NAME",
+    "WBConfig",
+    "WBTrainer",
+    "LayerMap",
+    "ParamInfo",
+    "StackInfo",
+    "layer_map",
+    "build_param_groups",
+    "lr_multipliers",
+    "FreezePlan",
+    "freeze",
+    "unfreeze",
+    "plan_freeze",
+    "is_eval_pinned",
+]

@@ -1,0 +1,328 @@
+"""`WBConfig`: the portable, Hub-shareable fine-tuning recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import PushToHubMixin
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "hf_wb_config.json"
+HEAD_INITS = ("keep", "xavier_uniform", "xavier_normal", "kaiming_normal", "kaiming_uniform", "normal")
+CACHE_MODES = ("off", "on", "auto")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("lamb",)
+
+# Fields that decide the optimizer's param groups and which tensors train: a resumed run must match them.
+RECIPE_FIELDS = (
+    "top_layers",
+    "top_lr_multiplier",
+    "head_lr_multiplier",
+    "layer_lr_decay",
+    "freeze_layers",
+    "freeze_embeddings",
+    "layers_pattern",
+    "optimizer",
+    "unfreeze_every",
+    "unfreeze_every_steps",
+)
+
+
+@dataclass
+class WBConfig(PushToHubMixin):
+    """The hf_wb fine-tuning recipe.
+
+    Layer-wise learning rates:
+        top_layers: number of top blocks of each stack that train at `top_lr_multiplier` x the base LR.
+        top_lr_multiplier: LR multiplier of the top blocks (the recipe's 5-10x).
+        head_lr_multiplier: LR multiplier of the head (final norm, pooler, classifier); None means `top_lr_multiplier`.
+        layer_lr_decay: blocks below the top get `lr * layer_lr_decay ** d`, d = distance below the lowest top block;
+            embeddings get the rate of block 0 decayed once more. 1.0 = plain LR below the top.
+    Freezing:
+        freeze_layers: number of bottom blocks of each stack to freeze; -1 = every block below the top `top_layers`.
+        freeze_embeddings: freeze the embeddings; None = frozen whenever any block is frozen.
+        layers_pattern: regex for the name of the nn.ModuleList holding the blocks; None = discovered automatically.
+    Optimizer:
+        optimizer: None = the Trainer's `--optim`; "lamb" = LAMB (pytorch-optimizer) for large batches.
+    Heads:
+        bias_prior: set the output bias to the training-label prior before training.
+        head_init: init of the output layer's weight (keep | xavier_uniform | xavier_normal | kaiming_normal |
+            kaiming_uniform | normal).
+        head_init_std: standard deviation for `head_init="normal"`.
+        reinit_top_layers: re-initialise the top N blocks of each stack (and the pooler) before training.
+        head_dropout: dropout probability of the head; None = the model's own.
+    Monitoring:
+        histogram_steps: write weight/bias/gradient histograms every N optimizer steps; 0 = off.
+        diagnostics: watch weights and gradients and report problems with advice.
+    Frozen prefix:
+        cache_frozen_prefix: "off" | "on" | "auto": compute the frozen blocks' output once and train only the top.
+        cache_dtype: storage dtype of that cache (float32 | bfloat16 | float16).
+        cache_dir: folder for a memory-mapped on-disk cache; None = in memory.
+        unfreeze_every: gradual unfreezing: every N epochs the highest frozen block of each stack becomes trainable
+            (then the embeddings); 0 = never.
+        unfreeze_every_steps: the same on a step interval; 0 = never.
+    """
+
+    top_layers: int = field(
+        default=3, metadata={"help": "Number of top blocks of each stack that train at `top_lr_multiplier` x the LR."}
+    )
+    top_lr_multiplier: float = field(
+        default=5.0, metadata={"help": "LR multiplier of the top blocks (the recipe's 5-10x)."}
+    )
+    head_lr_multiplier: float | None = field(
+        default=None, metadata={"help": "LR multiplier of the head; None means `top_lr_multiplier`."}
+    )
+    layer_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Blocks below the top get lr * layer_lr_decay ** d (d = distance below the lowest top block); "
+            "embeddings get block 0's rate decayed once more. In (0, 1]; 1.0 = plain LR."
+        },
+    )
+    freeze_layers: int = field(
+        default=-1,
+        metadata={"help": "Bottom blocks of each stack to freeze; -1 = every block below the top `top_layers`."},
+    )
+    freeze_embeddings: bool | None = field(
+        default=None, metadata={"help": "Freeze the embeddings; None = frozen whenever any block is frozen."}
+    )
+    layers_pattern: str | None = field(
+        default=None,
+        metadata={"help": "Regex for the name of the nn.ModuleList holding the blocks; None = automatic discovery."},
+    )
+    optimizer: str | None = field(
+        default=None, metadata={"help": "None = the Trainer's `--optim`; 'lamb' = LAMB for large batches."}
+    )
+    bias_prior: bool = field(
+        default=True, metadata={"help": "Set the output bias to the training-label prior before training."}
+    )
+    head_init: str = field(
+        default="keep",
+        metadata={"help": f"Init of the output layer's weight: {' | '.join(HEAD_INITS)}. Zero init is refused."},
+    )
+    head_init_std: float = field(default=0.01, metadata={"help": "Standard deviation for `head_init='normal'`."})
+    reinit_top_layers: int = field(
+        default=0, metadata={"help": "Re-initialise the top N blocks of each stack (and the pooler) before training."}
+    )
+    head_dropout: float | None = field(
+        default=None, metadata={"help": "Dropout probability of the head; None = the model's own."}
+    )
+    histogram_steps: int = field(
+        default=100, metadata={"help": "Write weight/bias/gradient histograms every N optimizer steps; 0 = off."}
+    )
+    diagnostics: bool = field(
+        default=True, metadata={"help": "Watch weights and gradients and report problems with advice."}
+    )
+    cache_frozen_prefix: str = field(
+        default="off",
+        metadata={"help": "off | on | auto: compute the frozen blocks' output once and train only the blocks above."},
+    )
+    cache_dtype: str = field(
+        default="float32", metadata={"help": "Storage dtype of the frozen-prefix cache: float32 | bfloat16 | float16."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder for a memory-mapped on-disk prefix cache; None = in memory."}
+    )
+    unfreeze_every: int = field(
+        default=0,
+        metadata={
+            "help": "Gradual unfreezing: every N epochs the highest frozen block of each stack trains; 0 = never."
+        },
+    )
+    unfreeze_every_steps: int = field(
+        default=0, metadata={"help": "Gradual unfreezing on a step interval; 0 = never."}
+    )
+
+    def __post_init__(self) -> None:
+        # normalise
+        if isinstance(self.optimizer, str):
+            self.optimizer = self.optimizer.strip().lower() or None
+        self.head_init = str(self.head_init).strip().lower()
+        self.cache_frozen_prefix = str(self.cache_frozen_prefix).strip().lower()
+        self.cache_dtype = str(self.cache_dtype).strip().lower()
+        if self.layers_pattern == "":
+            self.layers_pattern = None
+        # one rule, one error
+        if self.top_layers < 1:
+            raise ValueError(f"`top_layers` must be >= 1, got {self.top_layers}: at least one block must be the top.")
+        if self.top_lr_multiplier <= 0:
+            raise ValueError(
+                f"`top_lr_multiplier` must be > 0, got {self.top_lr_multiplier}. Use 1.0 for the plain LR; "
+                "to stop blocks from training, freeze them."
+            )
+        if self.head_lr_multiplier is not None and self.head_lr_multiplier <= 0:
+            raise ValueError(
+                f"`head_lr_multiplier` must be > 0 or None, got {self.head_lr_multiplier}. "
+                "None uses `top_lr_multiplier`."
+            )
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(
+                f"`layer_lr_decay` must be in (0, 1], got {self.layer_lr_decay}. 1.0 keeps the plain LR below "
+                "the top; 0.8 to 0.95 is the usual layer-wise decay."
+            )
+        if self.freeze_layers < -1:
+            raise ValueError(
+                f"`freeze_layers` must be -1 (every block below the top) or >= 0, got {self.freeze_layers}."
+            )
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"`optimizer` must be None (the Trainer's `--optim`) or one of {OPTIMIZERS}, got {self.optimizer!r}. "
+                "Every Trainer optimizer is available through TrainingArguments(optim=...)."
+            )
+        if self.head_init in ("zeros", "zero", "constant", "ones"):
+            raise ValueError(
+                f"`head_init`={self.head_init!r} is refused: a constant init makes every output unit identical, they "
+                "receive identical gradients and stay identical (the symmetry is never broken). Use one of "
+                f"{HEAD_INITS}."
+            )
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"`head_init` must be one of {HEAD_INITS}, got {self.head_init!r}.")
+        if self.head_init_std <= 0:
+            raise ValueError(f"`head_init_std` must be > 0, got {self.head_init_std}.")
+        if self.reinit_top_layers < 0:
+            raise ValueError(f"`reinit_top_layers` must be >= 0, got {self.reinit_top_layers}.")
+        if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
+            raise ValueError(f"`head_dropout` must be in [0, 1) or None, got {self.head_dropout}.")
+        if self.histogram_steps < 0:
+            raise ValueError(f"`histogram_steps` must be >= 0 (0 = off), got {self.histogram_steps}.")
+        if self.cache_frozen_prefix not in CACHE_MODES:
+            raise ValueError(f"`cache_frozen_prefix` must be one of {CACHE_MODES}, got {self.cache_frozen_prefix!r}.")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"`cache_dtype` must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}.")
+        if self.unfreeze_every < 0:
+            raise ValueError(f"`unfreeze_every` must be >= 0 epochs (0 = never), got {self.unfreeze_every}.")
+        if self.unfreeze_every_steps < 0:
+            raise ValueError(f"`unfreeze_every_steps` must be >= 0 (0 = never), got {self.unfreeze_every_steps}.")
+        if self.unfreeze_every and self.unfreeze_every_steps:
+            raise ValueError(
+                f"Set only one of `unfreeze_every` (epochs, got {self.unfreeze_every}) and `unfreeze_every_steps` "
+                f"(steps, got {self.unfreeze_every_steps})."
+            )
+
+    # ----- derived values -----------------------------------------------------------------------------------------
+    @property
+    def head_multiplier(self) -> float:
+        return self.top_lr_multiplier if self.head_lr_multiplier is None else self.head_lr_multiplier
+
+    def num_frozen_blocks(self, num_blocks: int) -> int:
+        """How many bottom blocks of a stack of `num_blocks` this recipe freezes."""
+        if self.freeze_layers == -1:
+            return max(num_blocks - self.top_layers, 0)
+        return self.freeze_layers
+
+    def embeddings_frozen(self, any_block_frozen: bool) -> bool:
+        return any_block_frozen if self.freeze_embeddings is None else self.freeze_embeddings
+
+    @classmethod
+    def baseline(cls, **overrides: Any) -> WBConfig:
+        """Plain fine-tuning for comparisons: every LR multiplier 1, nothing frozen, no head changes."""
+        values: dict[str, Any] = dict(
+            top_lr_multiplier=1.0,
+            head_lr_multiplier=1.0,
+            layer_lr_decay=1.0,
+            freeze_layers=0,
+            freeze_embeddings=False,
+            bias_prior=False,
+            head_init="keep",
+            reinit_top_layers=0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def recipe_dict(self) -> dict[str, Any]:
+        """The fields that decide param groups and frozen tensors (compared on resume)."""
+        return {name: getattr(self, name) for name in RECIPE_FIELDS}
+
+    def diff(self, other: WBConfig, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict[str, tuple[Any, Any]]:
+        """Fields that differ: name -> (self's value, other's value)."""
+        return {n: (getattr(self, n), getattr(other, n)) for n in fields if getattr(self, n) != getattr(other, n)}
+
+    # ----- serialisation ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        from hf_wb import __version__
+
+        return json.dumps({**self.to_dict(), "hf_wb_version": __version__}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> WBConfig:
+        values = dict(values)
+        values.pop("hf_wb_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            logger.warning(
+                "Ignoring WBConfig keys %s: they come from a newer hf_wb version than this one. Upgrade hf_wb to "
+                "use them.",
+                unknown,
+            )
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
+        """Write `hf_wb_config.json` (sorted, indented, with the hf_wb version) into `save_directory`.
+
+        With `push_to_hub=True` the recipe is then uploaded through `PushToHubMixin.push_to_hub` (`repo_id`
+        defaults to the folder's name; other keyword arguments go to `push_to_hub`).
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` must be a folder, got the file {save_directory}.")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+        logger.info("hf_wb recipe saved to %s", path)
+        if push_to_hub:
+            kwargs.pop("max_shard_size", None)
+            repo_id = kwargs.pop("repo_id", Path(save_directory).resolve().name)
+            self.push_to_hub(repo_id, **kwargs)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> WBConfig:
+        """Load a recipe from a JSON file, a local folder holding `hf_wb_config.json`, or a Hub repo id.
+
+        Only JSON is read: nothing downloaded is executed or unpickled.
+        """
+        path = Path(path_or_repo_id)
+        if path.is_file():
+            return cls._from_json_file(path)
+        if path.is_dir():
+            file = path / CONFIG_NAME
+            if not file.is_file():
+                raise FileNotFoundError(f"The folder {path} holds no {CONFIG_NAME}.")
+            return cls._from_json_file(file)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import HfHubHTTPError
+
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise OSError(
+                f"Cannot load the hf_wb recipe {str(path_or_repo_id)!r}: it is not a local file or folder, and the "
+                "Hub is offline (HF_HUB_OFFLINE is set). Pass the path of a local folder holding "
+                f"{CONFIG_NAME}, or of the JSON file itself."
+            )
+        try:
+            file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, **hub_kwargs)
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise OSError(
+                f"Cannot load the hf_wb recipe {str(path_or_repo_id)!r}: it is not a local file or folder and "
+                f"{CONFIG_NAME} could not be fetched from the Hub ({exc}). Pass a local folder or JSON file instead."
+            ) from exc
+        return cls._from_json_file(Path(file))
+
+    @classmethod
+    def _from_json_file(cls, path: Path) -> WBConfig:
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of WBConfig fields, got {type(values).__name__}.")
+        return cls.from_dict(values)
