@@ -666,7 +666,10 @@ def labels_from_dataset(dataset: Any, max_examples: int | None = None, seed: int
     return labels
 
 
-def apply_head_recipe(model: nn.Module, config: Any, labels: Any = None) -> dict[str, Any]:
+_APPLIED_ATTR = "_hf_wb_head_recipe"
+
+
+def apply_head_recipe(model: nn.Module, config: Any, labels: Any = None, force: bool = False) -> dict[str, Any]:
     """Apply the head part of a recipe once, before training (not on resume).
 
     Order: :func:`reinit_top_layers` -> :func:`set_head_dropout` -> :func:`init_head` -> :func:`init_bias_prior`
@@ -676,11 +679,19 @@ def apply_head_recipe(model: nn.Module, config: Any, labels: Any = None) -> dict
     anything is changed. With ``bias_prior`` and no ``labels`` the prior is skipped with a warning (once); for a model
     without a classification / regression head (a language model) it is skipped with an info message.
 
+    The summary is stored on the model; a second call on the same model (a second trainer built around an already
+    prepared or trained model) changes nothing and returns the stored summary, unless ``force=True``: re-running
+    :func:`reinit_top_layers` would otherwise wipe trained blocks.
+
     Returns:
         A summary for logging: ``{"reinit": [...], "head_dropout": {...}, "head_init": {...}, "bias_prior": {...}}``
         (keys only for the steps that ran; ``bias_prior`` is ``None`` when it was skipped).
     """
     model = unwrap_model(model)
+    applied = getattr(model, _APPLIED_ATTR, None)
+    if applied is not None and not force:
+        logger.info("The head recipe was already applied to this model; skipped (pass force=True to apply it again).")
+        return applied
     reinit = getattr(config, "reinit_top_layers", 0) or 0
     head_dropout = getattr(config, "head_dropout", None)
     head_init = getattr(config, "head_init", "keep") or "keep"
@@ -721,4 +732,6 @@ def apply_head_recipe(model: nn.Module, config: Any, labels: Any = None) -> dict
                 summary["bias_prior"] = None
             else:
                 summary["bias_prior"] = init_bias_prior(model, labels)
+    # a plain attribute (not a submodule or buffer): it is not saved with the weights
+    object.__setattr__(model, _APPLIED_ATTR, summary)
     return summary

@@ -460,9 +460,24 @@ def test_apply_head_recipe_without_labels_warns_once(caplog):
     before = model.classifier.bias.detach().clone()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert apply_head_recipe(model, _recipe())["bias_prior"] is None
-        apply_head_recipe(model, _recipe())
+        assert apply_head_recipe(tiny_model("bert"), _recipe())["bias_prior"] is None
     assert len([m for m in _warnings(caplog) if "no training labels" in m]) == 1
     torch.testing.assert_close(model.classifier.bias.detach(), before, atol=0, rtol=0)
+
+
+def test_apply_head_recipe_runs_once_per_model():
+    model = tiny_model("bert")
+    config = _recipe(reinit_top_layers=1)
+    first = apply_head_recipe(model, config, labels=[0, 1, 1, 1])
+    block = {n: p.detach().clone() for n, p in model.bert.encoder.layer[3].named_parameters()}
+    assert apply_head_recipe(model, config, labels=[0, 0, 0, 1]) is first  # e.g. a second trainer on the same model
+    assert all(torch.equal(p, block[n]) for n, p in model.bert.encoder.layer[3].named_parameters())
+    assert model.classifier.bias.detach().softmax(-1)[1].item() == pytest.approx(0.75)
+    again = apply_head_recipe(model, config, labels=[0, 0, 0, 1], force=True)
+    assert again["bias_prior"]["priors"] == pytest.approx([0.75, 0.25])
+    query = model.bert.encoder.layer[3].attention.self.query.weight
+    assert not torch.equal(query, block["attention.self.query.weight"])
+    assert "_hf_wb_head_recipe" not in model.state_dict()
 
 
 def test_apply_head_recipe_without_head(caplog):
@@ -471,7 +486,7 @@ def test_apply_head_recipe_without_head(caplog):
         assert apply_head_recipe(model, _recipe(), labels=[0, 1]) == {"bias_prior": None}
     assert not _warnings(caplog)
     with pytest.raises(ValueError, match="no output layer"):
-        apply_head_recipe(model, _recipe(head_init="normal"), labels=[0, 1])
+        apply_head_recipe(tiny_model("t5"), _recipe(head_init="normal"), labels=[0, 1])
 
 
 def test_apply_head_recipe_validates_before_changing_anything():
