@@ -180,7 +180,7 @@ def _labels(module_names: list[str]) -> list[str]:
     return [n.replace(".", "_") for n in module_names]
 
 
-def _check_shared_weights(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> None:
+def _check_shared_config(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     groups = getattr(config, "num_hidden_groups", None)
     layers = getattr(config, "num_hidden_layers", None)
@@ -191,6 +191,9 @@ def _check_shared_weights(model: nn.Module, stacks: list[tuple[str, nn.ModuleLis
             "cannot be expressed: every depth uses the same tensors. Fine-tune it with `WBConfig.baseline()` and a "
             "plain `Trainer`, or choose a model whose blocks have their own weights."
         )
+
+
+def _check_shared_weights(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> None:
     for name, blocks in stacks:
         seen: dict[int, int] = {}
         for index, block in enumerate(blocks):
@@ -215,6 +218,7 @@ def layer_map(model: nn.Module, layers_pattern: str | None = None) -> LayerMap:
         ValueError: when no stack of blocks is found, or the blocks share weights (ALBERT).
     """
     model = unwrap_model(model)
+    _check_shared_config(model)
     found = _candidate_lists(model, layers_pattern)
     if not found:
         raise ValueError(

@@ -14,6 +14,7 @@ What it adds to the Trainer, and where:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -54,6 +55,12 @@ class WBTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.model is not None and self.model_init is None:
             self._apply_recipe(self.model)
+        if self.model is not None and self.model_accepts_loss_kwargs and not loss_uses_num_items(self.model):
+            # The Trainer takes any `**kwargs` in forward() as "the loss is normalised by num_items_in_batch" and
+            # then multiplies the loss by the number of processes (and skips the division by the accumulation
+            # steps). Classification heads compute a plain mean and ignore it: under DDP the loss and its
+            # gradients would be doubled, with accumulation too large by the accumulation factor.
+            self.model_accepts_loss_kwargs = False
 
     # ----- set-up before the optimizer exists ---------------------------------------------------------------------
     def _apply_recipe(self, model: nn.Module) -> None:
@@ -180,6 +187,26 @@ class WBTrainer(Trainer):
                     "wrote the checkpoint."
                 )
         super()._load_optimizer_and_scheduler(checkpoint)
+
+
+_MEAN_LOSSES = ("ForSequenceClassificationLoss", "ForQuestionAnsweringLoss")
+
+
+def loss_uses_num_items(model: nn.Module) -> bool:
+    """Whether ``model``'s own loss really normalises by ``num_items_in_batch`` (token-level losses computed
+    through ``self.loss_function``), as the Trainer assumes for every model whose forward takes ``**kwargs``."""
+    model = unwrap_model(model)
+    explicit = type(model).__dict__.get("accepts_loss_kwargs")
+    if explicit is not None:
+        return bool(explicit)
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True  # cannot tell: keep the Trainer's behaviour
+    if "self.loss_function(" not in source:
+        return False  # the model computes its own (mean) loss with torch.nn losses
+    loss_fn = getattr(model, "loss_function", None)
+    return getattr(loss_fn, "__name__", "") not in _MEAN_LOSSES
 
 
 def _lamb(args: Any) -> tuple[type, dict[str, Any]]:
