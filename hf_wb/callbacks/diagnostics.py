@@ -511,9 +511,12 @@ class WeightDiagnosticsCallback(TrainerCallback):
         check_now = self._stats is not None and state.global_step % every == 0
         if check_now:
             finite = self._stats.all_finite()
-            if not finite and self._main:
+            if not finite:
+                # the fused norms overflow first: locate the tensor (a norm can overflow on large finite values)
                 bad = self._stats.first_nonfinite(limit_fraction=self.config.limit_fraction)
-                self._report_nonfinite(state.global_step, bad or ("(unknown)", "(unknown)"), "weights")
+                finite = bad is None
+                if bad is not None and self._main:
+                    self._report_nonfinite(state.global_step, bad, "weights")
             ok = finite and not self._stop
             if self.stop_on_nonfinite:
                 # every rank runs this on the same steps, so they agree and stop together
@@ -536,7 +539,7 @@ class WeightDiagnosticsCallback(TrainerCallback):
         }
         if not bad:
             return
-        if self._main:
+        if state.is_world_process_zero:
             self._emit(
                 "nonfinite",
                 "critical",
