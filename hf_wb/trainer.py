@@ -14,6 +14,7 @@ What it adds to the Trainer, and where:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -26,9 +27,10 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_wb.config import CONFIG_NAME, WBConfig
-from hf_wb.freezing import FreezePlan, freeze
-from hf_wb.layers import LayerMap, layer_map, unwrap_model
+from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
+from hf_wb.layers import BLOCK, EMBEDDINGS, LayerMap, layer_map, unit_name, unwrap_model
 from hf_wb.param_groups import NO_DECAY_SUFFIX, build_param_groups, decay_parameter_names
+from hf_wb.prefix_cache import INDEX_COLUMN, CacheUnsupported, PrefixCache, cache_boundary
 
 __all__ = ["WBTrainer", "STATE_NAME"]
 
@@ -52,6 +54,11 @@ class WBTrainer(Trainer):
         self.wb_config = wb_config if wb_config is not None else WBConfig()
         self.wb_layer_map: LayerMap | None = None
         self.wb_freeze_plan: FreezePlan | None = None
+        self.wb_unfreeze_stage = 0
+        self.wb_unfrozen_units: list[str] = []
+        self.wb_prefix_cache: PrefixCache | None = None
+        self._wb_original_datasets: tuple[Any, Any] | None = None
+        self.wb_cache_stats: dict[str, Any] = {}
         super().__init__(*args, **kwargs)
         if self.model is not None and self.model_init is None:
             self._apply_recipe(self.model)
@@ -61,12 +68,83 @@ class WBTrainer(Trainer):
             # steps). Classification heads compute a plain mean and ignore it: under DDP the loss and its
             # gradients would be doubled, with accumulation too large by the accumulation factor.
             self.model_accepts_loss_kwargs = False
+        if self.wb_config.unfreeze_every or self.wb_config.unfreeze_every_steps:
+            from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback
+
+            self.add_callback(
+                GradualUnfreezingCallback(
+                    self.wb_unfreeze_to,
+                    every_epochs=self.wb_config.unfreeze_every,
+                    every_steps=self.wb_config.unfreeze_every_steps,
+                )
+            )
 
     # ----- set-up before the optimizer exists ---------------------------------------------------------------------
     def _apply_recipe(self, model: nn.Module) -> None:
         model = unwrap_model(model)
         self.wb_layer_map = layer_map(model, self.wb_config.layers_pattern)
         self.wb_freeze_plan = freeze(model, self.wb_config, self.wb_layer_map)
+        self.wb_unfreeze_stage, self.wb_unfrozen_units = 0, []
+
+    # ----- gradual unfreezing ---------------------------------------------------------------------------------------
+    def wb_unfreeze_schedule(self) -> list[list[str]]:
+        """The unfreezing stages: each lists, per stack, its highest still-frozen block (then its embeddings)."""
+        plan, stages = self.wb_freeze_plan, []
+        if plan is None:
+            return []
+        for j in range(1, max((k + 1 for k in plan.frozen_blocks.values()), default=0) + 1):
+            stage = []
+            for label, k in plan.frozen_blocks.items():
+                if k - j >= 0:
+                    stage.append(unit_name(label, BLOCK, k - j))
+                elif j == k + 1 and plan.frozen_embeddings.get(label):
+                    stage.append(unit_name(label, EMBEDDINGS, None))
+            if stage:
+                stages.append(stage)
+        return stages
+
+    def wb_unfreeze_to(self, stage: int) -> None:
+        """Unfreeze up to ``stage`` (idempotent): the units become trainable, leave eval-pinning and join the
+        optimizer (if it exists) with the rate the recipe gives their depth and a fresh state."""
+        schedule = self.wb_unfreeze_schedule()
+        stage = min(stage, len(schedule))
+        while self.wb_unfreeze_stage < stage:
+            units = schedule[self.wb_unfreeze_stage]
+            model = unwrap_model(self.model)
+            released = unfreeze_units(model, units, self.wb_layer_map)
+            self.wb_unfreeze_stage += 1
+            self.wb_unfrozen_units.extend(units)
+            self.wb_freeze_plan.frozen_units = [u for u in self.wb_freeze_plan.frozen_units if u not in units]
+            logger.info("hf_wb gradual unfreezing, stage %d: %s now train", self.wb_unfreeze_stage, ", ".join(units))
+            if self.optimizer is not None:
+                self._add_groups_for(units, model)
+                _sync_gradients_across_ranks(released)
+            if self.wb_prefix_cache is not None:
+                self._rebuild_prefix_cache()
+
+    def _add_groups_for(self, units: list[str], model: nn.Module) -> None:
+        decay = set(self.get_decay_parameter_names(model)) & decay_parameter_names(model)
+        groups = build_param_groups(
+            model, self.wb_config, self.args.learning_rate, self.args.weight_decay, self.wb_layer_map, decay
+        )
+        new = [g for g in groups if g["name"].removesuffix(NO_DECAY_SUFFIX) in units]
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        for group in new:
+            base = group["lr"]
+            group["initial_lr"] = base
+            if scheduler is not None:
+                if not hasattr(scheduler, "lr_lambdas"):
+                    raise TypeError(
+                        f"Gradual unfreezing needs a LambdaLR-based scheduler (every transformers schedule is one) to "
+                        f"give new groups their rate, got {type(scheduler).__name__}."
+                    )
+                factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+                group["lr"] = base * factor
+                scheduler.base_lrs.append(base)
+                scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+                scheduler._last_lr.append(group["lr"])
+            optimizer.add_param_group(group)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -99,6 +177,9 @@ class WBTrainer(Trainer):
         groups = build_param_groups(
             unwrapped, self.wb_config, self.args.learning_rate, self.args.weight_decay, lmap=lmap, decay_names=decay
         )
+        if self.wb_unfrozen_units:  # a resumed run: groups unfrozen during training come last, in unfreeze order
+            order = {u: i for i, u in enumerate(self.wb_unfrozen_units)}
+            groups.sort(key=lambda g: order.get(g["name"].removesuffix(NO_DECAY_SUFFIX), -1))
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits", None) == 8:
             import bitsandbytes
@@ -128,6 +209,8 @@ class WBTrainer(Trainer):
         return {
             "groups": [{"name": g.get("name"), "size": len(g["params"])} for g in groups],
             "frozen_units": list(self.wb_freeze_plan.frozen_units) if self.wb_freeze_plan else [],
+            "unfreeze_stage": self.wb_unfreeze_stage,
+            "unfrozen_units": list(self.wb_unfrozen_units),
         }
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -151,9 +234,96 @@ class WBTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if self.model_init is not None and self.wb_layer_map is None:
+            self._apply_recipe(self.model)
         if resume_from_checkpoint:
             self._check_resume_recipe(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+            state_file = os.path.join(str(resume_from_checkpoint), STATE_NAME)
+            if os.path.isfile(state_file):
+                with open(state_file, encoding="utf-8") as f:
+                    self.wb_unfreeze_to(int(json.load(f).get("unfreeze_stage", 0)))
+        self._setup_prefix_cache()
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        finally:
+            self._teardown_prefix_cache()
+
+    # ----- frozen-prefix cache --------------------------------------------------------------------------------------
+    def _setup_prefix_cache(self) -> None:
+        mode = self.wb_config.cache_frozen_prefix
+        if mode == "off" or self.train_dataset is None:
+            return
+        try:
+            cache = PrefixCache(self.model, self.wb_layer_map, self.wb_config.cache_dtype, self.wb_config.cache_dir)
+        except CacheUnsupported as exc:
+            if mode == "on":
+                raise CacheUnsupported(f"`cache_frozen_prefix`='on' cannot be served: {exc}") from exc
+            logger.info("hf_wb prefix cache off: %s", exc)
+            return
+        self._wb_original_datasets = (self.train_dataset, self.eval_dataset)
+        self.wb_prefix_cache = cache
+        self._rebuild_prefix_cache()
+
+    def _cache_sources(self) -> list[Any]:
+        train, evals = self._wb_original_datasets
+        if isinstance(evals, dict):
+            return [train, *evals.values()]
+        return [train] + ([evals] if evals is not None else [])
+
+    def _rebuild_prefix_cache(self) -> None:
+        cache = self.wb_prefix_cache
+        cache.uninstall()
+        try:
+            cache.boundary = cache_boundary(self.model, self.wb_layer_map)
+        except CacheUnsupported as exc:
+            logger.info("hf_wb prefix cache off from here on: %s", exc)
+            self._teardown_prefix_cache()
+            return
+        sources = self._cache_sources()
+        starts = cache.build(
+            sources,
+            self.data_collator,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
+            progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+        )
+        indexed = [_with_index(src, start) for src, start in zip(sources, starts, strict=True)]
+        self.train_dataset = indexed[0]
+        _, evals = self._wb_original_datasets
+        if isinstance(evals, dict):
+            self.eval_dataset = dict(zip(evals, indexed[1:], strict=True))
+        elif evals is not None:
+            self.eval_dataset = indexed[1]
+        cache.install()
+
+    def _teardown_prefix_cache(self) -> None:
+        if self.wb_prefix_cache is not None:
+            cache = self.wb_prefix_cache
+            self.wb_cache_stats = {**cache.stats, "examples": cache.num_examples, "bytes": cache.nbytes}
+            cache.uninstall()
+            self.wb_prefix_cache = None
+        if self._wb_original_datasets is not None:
+            self.train_dataset, self.eval_dataset = self._wb_original_datasets
+            self._wb_original_datasets = None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns.append(INDEX_COLUMN)
+
+    def _cached(self, inputs: dict[str, Any]):
+        indices = inputs.pop(INDEX_COLUMN, None)
+        if self.wb_prefix_cache is None or indices is None:
+            return contextlib.nullcontext()
+        return self.wb_prefix_cache.batch(indices, inputs.get("attention_mask"))
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        with self._cached(inputs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        with self._cached(inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _check_resume_recipe(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, CONFIG_NAME)
@@ -187,6 +357,44 @@ class WBTrainer(Trainer):
                     "wrote the checkpoint."
                 )
         super()._load_optimizer_and_scheduler(checkpoint)
+
+
+def _with_index(dataset: Any, start: int) -> Any:
+    """``dataset`` with a column ``hf_wb_index`` = start, start + 1, ... (the rows' places in the prefix cache)."""
+    indices = range(start, start + len(dataset))
+    if hasattr(dataset, "add_column"):
+        if INDEX_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(INDEX_COLUMN)
+        return dataset.add_column(INDEX_COLUMN, list(indices))
+    return _IndexedDataset(dataset, start)
+
+
+class _IndexedDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any, start: int) -> None:
+        self.dataset, self.start = dataset, start
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], INDEX_COLUMN: self.start + i}
+
+
+def _sync_gradients_across_ranks(params: list[nn.Parameter]) -> None:
+    """Parameters unfrozen after DDP wrapped the model are unknown to its reducer: average their gradients across
+    ranks ourselves, as soon as each is accumulated (before clipping, like DDP's own)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    world = dist.get_world_size()
+
+    def average(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(average)
 
 
 _MEAN_LOSSES = ("ForSequenceClassificationLoss", "ForQuestionAnsweringLoss")
