@@ -584,3 +584,56 @@ def test_reinit_keeps_parent_level_init_rules():
     assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
     assert block.mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------- WBTrainer
+
+
+def _trainer_applies_head_recipe() -> bool:
+    import inspect
+
+    import hf_wb.trainer
+
+    return "apply_head_recipe" in inspect.getsource(hf_wb.trainer)
+
+
+@pytest.mark.skipif(
+    not _trainer_applies_head_recipe(), reason="WBTrainer does not call hf_wb.heads.apply_head_recipe yet"
+)
+def test_wbtrainer_end_to_end(tmp_path):
+    from hf_wb import WBConfig, WBTrainer
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 28 + [1] * 12)[torch.randperm(40, generator=g)].tolist()  # 70 / 30
+    ids = torch.randint(5, 100, (40, 10), generator=g).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "label": labels})
+    model = tiny_model("bert")
+    config = WBConfig(
+        bias_prior=True,
+        head_init="normal",
+        head_init_std=0.2,
+        reinit_top_layers=1,
+        head_dropout=0.3,
+        histogram_steps=0,
+        diagnostics=False,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=1,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = WBTrainer(model=model, args=args, train_dataset=data, wb_config=config)
+    prior = torch.log(torch.tensor([0.7, 0.3]))
+    torch.testing.assert_close(model.classifier.bias.detach(), prior)  # applied at construction
+    assert model.dropout.p == 0.3
+    assert model.classifier.weight.std().item() == pytest.approx(0.2, rel=0.3)
+    trainer.train()
+    group = next(gr for gr in trainer.optimizer.param_groups if any(p is model.classifier.bias for p in gr["params"]))
+    lr = group.get("initial_lr", group["lr"])  # the head's own rate (recipe multiplier included)
+    step = (model.classifier.bias.detach() - prior).abs().max().item()
+    assert 0 < step <= 1.01 * lr  # the prior, up to one AdamW update
