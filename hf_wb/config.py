@@ -188,6 +188,12 @@ class WBConfig(PushToHubMixin):
             raise ValueError(f"`head_init_std` must be > 0, got {self.head_init_std}.")
         if self.reinit_top_layers < 0:
             raise ValueError(f"`reinit_top_layers` must be >= 0, got {self.reinit_top_layers}.")
+        if self.freeze_layers == -1 and self.reinit_top_layers > self.top_layers:
+            raise ValueError(
+                f"`reinit_top_layers`={self.reinit_top_layers} re-initialises blocks below the top "
+                f"`top_layers`={self.top_layers}, which `freeze_layers`=-1 freezes: they would stay random. Set "
+                "`reinit_top_layers` <= `top_layers`, or `freeze_layers`=0."
+            )
         if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
             raise ValueError(f"`head_dropout` must be in [0, 1) or None, got {self.head_dropout}.")
         if self.histogram_steps < 0:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, get_last_checkpoint, set_seed
 
 from hf_wb.config import CONFIG_NAME, WBConfig
 from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
@@ -59,6 +59,9 @@ class WBTrainer(Trainer):
         self.wb_prefix_cache: PrefixCache | None = None
         self._wb_original_datasets: tuple[Any, Any] | None = None
         self.wb_cache_stats: dict[str, Any] = {}
+        self.wb_head_summary: dict[str, Any] = {}
+        self._wb_labels: Any = None
+        self._wb_model_ready: nn.Module | None = None
         super().__init__(*args, **kwargs)
         if self.model is not None and self.model_init is None:
             self._apply_recipe(self.model)
@@ -68,6 +71,7 @@ class WBTrainer(Trainer):
             # steps). Classification heads compute a plain mean and ignore it: under DDP the loss and its
             # gradients would be doubled, with accumulation too large by the accumulation factor.
             self.model_accepts_loss_kwargs = False
+        self._add_monitoring_callbacks()
         if self.wb_config.unfreeze_every or self.wb_config.unfreeze_every_steps:
             from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback
 
@@ -80,8 +84,42 @@ class WBTrainer(Trainer):
             )
 
     # ----- set-up before the optimizer exists ---------------------------------------------------------------------
+    def _train_labels(self) -> Any:
+        dataset = getattr(self, "train_dataset", None)  # not set yet while Trainer.__init__ calls model_init
+        if self._wb_labels is None and dataset is not None:
+            from hf_wb.heads import labels_from_dataset
+
+            self._wb_labels = labels_from_dataset(dataset, max_examples=100_000)
+        return self._wb_labels
+
+    def _add_monitoring_callbacks(self) -> None:
+        from transformers.integrations import TensorBoardCallback
+
+        from hf_wb.callbacks import WeightDiagnosticsCallback, WeightHistogramCallback
+
+        tensorboard = next((c for c in self.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+        pattern = self.wb_config.layers_pattern
+        if self.wb_config.histogram_steps:
+            self.add_callback(
+                WeightHistogramCallback(
+                    every_n_steps=self.wb_config.histogram_steps, writer=tensorboard, layers_pattern=pattern
+                )
+            )
+        if self.wb_config.diagnostics:
+            self.add_callback(
+                WeightDiagnosticsCallback(writer=tensorboard, labels=self._train_labels(), layers_pattern=pattern)
+            )
+
     def _apply_recipe(self, model: nn.Module) -> None:
+        """Head recipe first (re-init changes weights), then the layer map and freezing. The head recipe runs once
+        per model; a resumed run then loads the checkpoint's weights over it."""
+        from hf_wb.heads import apply_head_recipe
+
         model = unwrap_model(model)
+        labels = self._train_labels() if self.wb_config.bias_prior else None
+        self.wb_head_summary = apply_head_recipe(model, self.wb_config, labels)
+        if self.wb_head_summary:
+            logger.info("hf_wb head recipe: %s", self.wb_head_summary)
         self.wb_layer_map = layer_map(model, self.wb_config.layers_pattern)
         self.wb_freeze_plan = freeze(model, self.wb_config, self.wb_layer_map)
         self.wb_unfreeze_stage, self.wb_unfrozen_units = 0, []
@@ -147,6 +185,9 @@ class WBTrainer(Trainer):
             optimizer.add_param_group(group)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
+        if self._wb_model_ready is not None:  # made (and prepared) by train() just before the Trainer asks
+            model, self._wb_model_ready = self._wb_model_ready, None
+            return model
         model = super().call_model_init(trial)
         self._apply_recipe(model)
         return model
@@ -234,8 +275,12 @@ class WBTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        if self.model_init is not None and self.wb_layer_map is None:
-            self._apply_recipe(self.model)
+        if self.model_init is not None:
+            # The Trainer makes a fresh model inside train(); make it here instead, so that the head recipe and the
+            # prefix cache below apply to the model that trains (call_model_init hands it over).
+            enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+            self.model = self.model_wrapped = self.call_model_init(kwargs.get("trial"))
+            self._wb_model_ready = self.model
         if resume_from_checkpoint:
             self._check_resume_recipe(str(resume_from_checkpoint))
             state_file = os.path.join(str(resume_from_checkpoint), STATE_NAME)

@@ -34,6 +34,7 @@ def test_baseline():
         ({"head_init": "orthogonal"}, r"`head_init` must be one of"),
         ({"head_init_std": 0}, r"`head_init_std` must be > 0"),
         ({"reinit_top_layers": -1}, r"`reinit_top_layers` must be >= 0"),
+        ({"reinit_top_layers": 4}, r"`reinit_top_layers`=4 re-initialises blocks below the top `top_layers`=3"),
         ({"head_dropout": 1.0}, r"`head_dropout` must be in \[0, 1\)"),
         ({"histogram_steps": -1}, r"`histogram_steps` must be >= 0"),
         ({"cache_frozen_prefix": "maybe"}, r"`cache_frozen_prefix` must be one of"),
