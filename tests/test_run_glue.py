@@ -244,6 +244,7 @@ def test_run_glue_end_to_end_on_mrpc(tiny_model_dir, glue_dir, tmp_path):
     expected_recipe = WBConfig(top_layers=1, histogram_steps=0)
     assert results["recipe"] == expected_recipe.to_dict()
     assert results["world_size"] == 1
+    assert results["device"] == "cpu" and results["mixed_precision"] == "no"
     assert results["train_samples"] == 64 and results["eval_samples"] == 40
     for key in ("train_runtime", "train_samples_per_second", "train_loss", "eval_loss", "eval_runtime"):
         assert np.isfinite(results[key])

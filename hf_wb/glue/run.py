@@ -460,7 +460,8 @@ def run_glue(
     Returns:
         The results written to ``all_results.json``: train metrics (``train_runtime``,
         ``train_samples_per_second``, ...), eval metrics (``eval_accuracy``, ... and ``eval_mismatched_*`` for
-        MNLI), and ``task``, ``model_name_or_path``, ``trainer``, ``recipe_name``, ``recipe``, ``world_size``.
+        MNLI), and ``task``, ``model_name_or_path``, ``trainer``, ``recipe_name``, ``recipe``, ``world_size``,
+        ``device``, ``mixed_precision``.
     """
     if trainer_kind not in TRAINERS:
         raise ValueError(f"`trainer_kind` must be one of {', '.join(TRAINERS)}; got {trainer_kind!r}.")
@@ -558,6 +559,8 @@ def run_glue(
         recipe_name=recipe_name if trainer_kind == "wb" else None,
         recipe=wb_config.to_dict() if trainer_kind == "wb" else None,
         world_size=training_args.world_size,
+        device=str(training_args.device),
+        mixed_precision=getattr(training_args, "mixed_precision", "bf16" if training_args.bf16 else "no"),
         hf_wb_version=__version__,
     )
     if trainer.is_world_process_zero():
