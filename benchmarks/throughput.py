@@ -216,22 +216,24 @@ def monitoring_amortised(model_path: str, steps: int, batch: int, length: int, o
 
 
 # ----- part 2: three epochs, prefix cache ------------------------------------------------------------------------
-def mrpc(model_path: str, train_rows: int, glue_dir: str):
+def mrpc(model_path: str, train_rows: int, glue_dir: str, dev_rows: int | None = None):
     from hf_wb.glue.data import load_glue, tokenize_glue
 
     tok = AutoTokenizer.from_pretrained(model_path)
     raw = load_glue("mrpc", glue_dir)
     raw["train"] = raw["train"].shuffle(seed=0).select(range(min(train_rows, len(raw["train"]))))
+    if dev_rows:
+        raw["validation"] = raw["validation"].select(range(min(dev_rows, len(raw["validation"]))))
     data = tokenize_glue(raw, tok, "mrpc", max_seq_length=128)
     keep = ["input_ids", "attention_mask", "token_type_ids", "label"]
     data = data.remove_columns([c for c in data["train"].column_names if c not in keep])
     return tok, data["train"], data["validation"]
 
 
-def part2(model_path: str, train_rows: int, epochs: int, batch: int, glue_dir: str, out: Path):
+def part2(model_path: str, train_rows: int, epochs: int, batch: int, glue_dir: str, out: Path, dev_rows=None):
     from hf_wb.glue.metrics import build_compute_metrics
 
-    tok, train, dev = mrpc(model_path, train_rows, glue_dir)
+    tok, train, dev = mrpc(model_path, train_rows, glue_dir, dev_rows)
     variants = {
         "plain Trainer (full)": None,
         "recipe, eval-pinned, no cache": WBConfig(**QUIET),
@@ -343,7 +345,8 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
         plain = p2["plain Trainer (full)"]["wall_s"]
         lines += [
             "",
-            f"## {meta['epochs']} epochs on GLUE MRPC ({meta['train_rows']} train rows, dev 408, dynamic padding, "
+            f"## {meta['epochs']} epochs on GLUE MRPC ({meta['train_rows']} train rows, dev {meta['dev_rows']}, "
+            "dynamic padding, "
             f"batch {meta['batch2']})",
             "",
             "Recipe: WBConfig() defaults (top 3 of 6 blocks train at 5x, embeddings and blocks 0-2 frozen and "
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "epochs": args.epochs,
         "train_rows": args.train_rows,
+        "dev_rows": 32 if args.quick else 408,
         "batch2": 32 if not args.quick else 8,
     }
     p1 = mon = p2 = None
@@ -399,7 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         mon = monitoring_amortised(model_path, args.steps, args.batch, args.length, scratch)
     if "2" in parts:
         print("part 2: epochs and the prefix cache", flush=True)
-        p2 = part2(model_path, args.train_rows, args.epochs, meta["batch2"], args.glue_dir, scratch)
+        p2 = part2(
+            model_path,
+            args.train_rows,
+            args.epochs,
+            meta["batch2"],
+            args.glue_dir,
+            scratch,
+            dev_rows=32 if args.quick else None,
+        )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_report(Path(args.output), p1, mon, p2, meta)
     raw = {"meta": meta, "monitoring": mon, "epochs": p2}
