@@ -9,7 +9,8 @@ tasks x recipes x learning rates x seeds, in two phases:
    the wall time the baseline needed at that LR. Rule: ``max_steps = round(B / t)``, where ``B`` is the baseline's
    mean ``train_runtime`` (over seeds) on that task at that LR, and ``t`` the recipe's mean time per optimizer step on
    that task in phase 1 (``train_runtime / steps``, averaged over all its phase-1 runs). The LR schedule (linear
-   decay, 6% warmup) spans the new ``max_steps``. The baseline's equal-budget result is its phase-1 result.
+   decay, 6% warmup) spans the new ``max_steps``. The baseline's equal-budget result is its phase-1 result, and so is
+   that of a recipe whose budget buys within 10% of its phase-1 steps (``lwd``: nothing frozen, the baseline's speed).
 
 Recipes (``--recipes``; all through ``hf_wb.WBTrainer``):
 
@@ -107,6 +108,7 @@ BASELINE = "baseline"
 DEFAULT_TASKS = ("cola", "mrpc", "sst2")
 DEFAULT_TRAIN_SIZES = {"cola": 2000, "mrpc": 1500, "sst2": 2000}
 PHASES = ("equal_epochs", "equal_budget")
+REUSE_TOLERANCE = 0.1  # equal budget within 10% of the equal-epoch steps: reuse the equal-epoch runs
 
 # GLUE task -> the eval metrics (without the ``eval_`` prefix) averaged into its score, in GLUE's convention.
 SCORE_METRICS = {
@@ -485,6 +487,20 @@ def budget_steps(s: Settings, epoch_cells: dict, task: str, recipe: str, lr: flo
     return max(1, round(budget / step_time))
 
 
+def reuses_epoch_runs(s: Settings, epoch_cells: dict, task: str, recipe: str, lr: float) -> bool:
+    """True when the budget buys within ``REUSE_TOLERANCE`` of the steps the recipe took at equal epochs.
+
+    Then its equal-epoch runs already fill the budget (e.g. ``lwd``, which freezes nothing and runs at the
+    baseline's speed) and no extra runs are made: they would repeat them with timing noise in the step count.
+    """
+    steps = budget_steps(s, epoch_cells, task, recipe, lr)
+    own = epoch_cells.get((task, recipe, lr), [])
+    if steps is None or not own:
+        return False
+    epoch_steps = statistics.fmean(r["steps"] for r in own)
+    return abs(steps / epoch_steps - 1) <= REUSE_TOLERANCE
+
+
 def summarize(s: Settings, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Best-of-grid tables for both phases, paired deltas, and the full grid (as plain data for the report/plot)."""
     epoch_cells = grid(records, "equal_epochs")
@@ -498,7 +514,11 @@ def summarize(s: Settings, records: list[dict[str, Any]]) -> dict[str, Any]:
                 lr = best_lr(epoch_cells, task, recipe)
                 if lr is None:
                     continue
-                if phase == "equal_budget" and recipe != BASELINE:
+                if (
+                    phase == "equal_budget"
+                    and recipe != BASELINE
+                    and not reuses_epoch_runs(s, epoch_cells, task, recipe, lr)
+                ):
                     runs = budget_cells.get((task, recipe, lr), [])
                 else:
                     runs = epoch_cells.get((task, recipe, lr), [])
@@ -645,7 +665,9 @@ def write_report(s: Settings, records: list[dict[str, Any]], planned: int, faile
         "",
         "Each non-baseline recipe, at its best LR from (a), trains for the baseline's mean train time at that LR: "
         "`max_steps = round(baseline_time / recipe_step_time)`, the step time measured in (a); the LR schedule spans "
-        "the new step count; `ep` = the epochs this amounts to. The baseline row is its (a) result.",
+        "the new step count; `ep` = the epochs this amounts to. The baseline row is its (a) result, and so is the row "
+        f"of a recipe whose budget buys within {REUSE_TOLERANCE:.0%} of its equal-epoch steps (it already runs at the "
+        "baseline's speed; no extra runs are made).",
         "",
         *phase_table(s, summary["phases"]["equal_budget"], budget=True),
         "",
@@ -723,22 +745,25 @@ def write_plot(s: Settings, summary: dict[str, Any], path: Path) -> None:
 
 
 # ----- driver -------------------------------------------------------------------------------------------------------
-def plan_count(s: Settings) -> int:
+def plan_count(s: Settings, records: list[dict[str, Any]] | None = None) -> int:
+    """Runs the sweep makes: every equal-epoch run, plus the equal-budget runs that the stored results call for."""
     epochs = len(s.tasks) * len(s.recipes) * len(s.lrs) * len(s.seeds)
-    others = len(s.recipes) - 1
     if s.budget == "none":
-        budget = 0
-    elif s.budget == "best":
-        budget = len(s.tasks) * others * len(s.seeds)
-    else:
-        budget = len(s.tasks) * others * len(s.lrs) * len(s.seeds)
+        return epochs
+    cells = grid(records or [], "equal_epochs")
+    budget = 0
+    for task in s.tasks:
+        for recipe in s.recipes[1:]:
+            lrs = s.lrs if s.budget == "all" else [best_lr(cells, task, recipe) or s.lrs[0]]
+            for lr in lrs:
+                if not reuses_epoch_runs(s, cells, task, recipe, lr):
+                    budget += len(s.seeds)
     return epochs + budget
 
 
 def sweep(s: Settings, work_dir: Path, keep: bool, command: str) -> tuple[int, int]:
     """Run every missing run (task by task: equal epochs, then equal budget); returns (new runs, failures)."""
     jsonl = s.out_dir / f"{s.name}.jsonl"
-    planned = plan_count(s)
     new = failed = 0
 
     def stored() -> list[dict[str, Any]]:
@@ -762,7 +787,8 @@ def sweep(s: Settings, work_dir: Path, keep: bool, command: str) -> tuple[int, i
             "  score %.2f, train %.1fs (%d steps), process %.1fs",
             record["score"], record["train_runtime"], record["steps"], record["process_wall_s"],
         )  # fmt: skip
-        write_report(s, stored(), planned, failed, command)
+        records = stored()
+        write_report(s, records, plan_count(s, records), failed, command)
 
     for task in s.tasks:
         for seed in s.seeds:
@@ -781,9 +807,15 @@ def sweep(s: Settings, work_dir: Path, keep: bool, command: str) -> tuple[int, i
                 if steps is None:
                     logger.warning("no budget for %s %s lr=%g: phase-1 runs missing", task, recipe, lr)
                     continue
+                if reuses_epoch_runs(s, cells, task, recipe, lr):
+                    logger.info(
+                        "%s %s lr=%g: the budget buys %d steps, as at equal epochs: reused", task, recipe, lr, steps
+                    )
+                    continue
                 for seed in s.seeds:
                     one("equal_budget", task, recipe, lr, seed, steps)
-    write_report(s, stored(), planned, failed, command)
+    records = stored()
+    write_report(s, records, plan_count(s, records), failed, command)
     return new, failed
 
 
@@ -792,10 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s = settings_from_args(args)
     argv_text = sys.argv[1:] if argv is None else argv
-    command = "python benchmarks/glue_compare.py " + " ".join(argv_text)
+    command = "python benchmarks/glue_compare.py " + " ".join(a for a in argv_text if a != "--report-only")
     if args.report_only:
         jsonl = s.out_dir / f"{s.name}.jsonl"
-        md = write_report(s, current_records(s, load_records(jsonl)), plan_count(s), 0, command)
+        records = current_records(s, load_records(jsonl))
+        md = write_report(s, records, plan_count(s, records), 0, command)
         logger.info("report: %s", md)
         return 0
     if not any((Path(s.glue_dir) / d).is_dir() for d in ("CoLA", "MRPC", "SST-2", "RTE", "STS-B")):
