@@ -53,6 +53,7 @@ OTHER = "other"
 WEIGHTS = "weights"
 BIASES = "biases"
 MAX_FALLBACK_UNITS = 48
+SUBROLES = (ATTN, FFN, NORM)
 
 # Checked in this order: a norm inside an attention sub-module ("attention.output.LayerNorm",
 # "post_attention_layernorm") is a norm; an output projection inside attention ("attention.output.dense") is attention.
@@ -279,6 +280,7 @@ class ParamStats:
     entries: list[ParamEntry] = field(init=False)
     _tracked: list[_Tracked] = field(init=False, repr=False)
     _snapshot: list[torch.Tensor | None] | None = field(init=False, default=None, repr=False)
+    _views: list[torch.Tensor | None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model = unwrap_model(self.model)
@@ -289,6 +291,22 @@ class ParamStats:
             p = params[entry.name]
             stride = max(1, p.numel() // self.update_sample_size) if self.update_sample_size > 0 else 1
             self._tracked.append(_Tracked(entry, p, stride))
+        self._views = [None] * len(self._tracked)
+
+    def _weights(self) -> list[torch.Tensor]:
+        """Flat, detached views of the parameters (local shards), built once and rebuilt only when a parameter's
+        storage changed: every operation saved here is a kernel launch saved per tensor on a GPU."""
+        for i, t in enumerate(self._tracked):
+            v = self._views[i]
+            p = t.param
+            if hasattr(p, "to_local"):  # DTensor: the local shard may move
+                self._views[i] = _local(p.detach()).reshape(-1)
+            elif v is None or v.data_ptr() != p.data_ptr() or v.numel() != p.numel():
+                self._views[i] = p.detach().reshape(-1)
+        return self._views  # type: ignore[return-value]
+
+    def _grads(self) -> list[torch.Tensor | None]:
+        return [None if t.param.grad is None else _local(t.param.grad).reshape(-1) for t in self._tracked]
 
     # -- units ---------------------------------------------------------------------------------------------------
     def units(self) -> list[str]:
@@ -309,12 +327,14 @@ class ParamStats:
     # -- norms ---------------------------------------------------------------------------------------------------
     def weight_norms(self) -> dict[str, float]:
         """L2 norm of all the parameters (weights and biases) of each unit."""
-        return self._unit_norms([(t.entry.unit, _local(t.param.detach())) for t in self._tracked])
+        return self._unit_norms([(t.entry.unit, v) for t, v in zip(self._tracked, self._weights(), strict=True)])
 
     def grad_norms(self) -> dict[str, float]:
         """L2 norm of the gradients of each unit; units without any gradient (frozen) are left out."""
-        items = [(t.entry.unit, _local(t.param.grad)) for t in self._tracked if t.param.grad is not None]
-        return self._unit_norms(items)
+        grads = self._grads()
+        return self._unit_norms(
+            [(t.entry.unit, g) for t, g in zip(self._tracked, grads, strict=True) if g is not None]
+        )
 
     def grad_rms(self) -> dict[str, float]:
         """Root mean square of the gradient entries of each unit (comparable across units of different sizes)."""
@@ -329,19 +349,22 @@ class ParamStats:
     def _unit_norms(items: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
         if not items:
             return {}
-        squares = _to_cpu([torch.linalg.vector_norm(x.float()) ** 2 for _, x in items])
+        norms = _to_cpu(_norms([x for _, x in items]))
         out: dict[str, float] = {}
-        for (unit, _), sq in zip(items, squares, strict=True):
-            out[unit] = out.get(unit, 0.0) + sq
-        return {u: math.sqrt(v) if v >= 0 else math.nan for u, v in out.items()}
+        for (unit, _), n in zip(items, norms, strict=True):
+            out[unit] = out.get(unit, 0.0) + n * n
+        return {u: math.sqrt(v) for u, v in out.items()}
 
     # -- update ratios ---------------------------------------------------------------------------------------------
     def snapshot(self) -> None:
         """Copy (a strided sample of) every trainable parameter, to compare after the optimizer step."""
-        self._snapshot = [
-            _local(t.param.detach()).reshape(-1)[:: t.stride].clone() if t.param.requires_grad else None
-            for t in self._tracked
+        samples = [
+            v[:: t.stride] if t.param.requires_grad else None
+            for t, v in zip(self._tracked, self._weights(), strict=True)
         ]
+        kept = [x for x in samples if x is not None]
+        copies = iter(_copies(kept))
+        self._snapshot = [None if x is None else next(copies) for x in samples]
 
     @property
     def has_snapshot(self) -> bool:
@@ -354,23 +377,27 @@ class ParamStats:
         """
         if self._snapshot is None:
             return {}
-        deltas, bases, units = [], [], []
-        for t, before in zip(self._tracked, self._snapshot, strict=True):
+        befores, afters, units = [], [], []
+        for t, v, before in zip(self._tracked, self._weights(), self._snapshot, strict=True):
             if before is None:
                 continue
-            after = _local(t.param.detach()).reshape(-1)[:: t.stride]
-            deltas.append(torch.linalg.vector_norm(after.float() - before.float()) ** 2)
-            bases.append(torch.linalg.vector_norm(before.float()) ** 2)
+            befores.append(before)
+            afters.append(v[:: t.stride].float())
             units.append(t.entry.unit)
         self._snapshot = None
         if not units:
             return {}
-        values = _to_cpu(deltas + bases)
+        deltas = (
+            torch._foreach_sub(afters, befores)
+            if hasattr(torch, "_foreach_sub")
+            else [a - b for a, b in zip(afters, befores, strict=True)]
+        )
+        values = _to_cpu(_norms(deltas) + _norms(befores))
         d_sq: dict[str, float] = {}
         w_sq: dict[str, float] = {}
         for i, unit in enumerate(units):
-            d_sq[unit] = d_sq.get(unit, 0.0) + values[i]
-            w_sq[unit] = w_sq.get(unit, 0.0) + values[len(units) + i]
+            d_sq[unit] = d_sq.get(unit, 0.0) + values[i] ** 2
+            w_sq[unit] = w_sq.get(unit, 0.0) + values[len(units) + i] ** 2
         return {u: (math.sqrt(d_sq[u] / w_sq[u]) if w_sq[u] > 0 else math.inf) for u in d_sq}
 
     # -- histograms ------------------------------------------------------------------------------------------------
@@ -393,62 +420,84 @@ class ParamStats:
         return groups
 
     def weight_histograms(self, bins: int = 64, split_subroles: bool = True) -> dict[str, HistogramData]:
+        """Histograms of the weights and biases, tagged as :meth:`histogram_groups` says."""
+        views = self._weights()
         groups = self.histogram_groups(split_subroles)
-        tensors = {tag: [_local(self._tracked[i].param.detach()) for i in idx] for tag, idx in groups.items()}
-        return histograms(tensors, bins)
+        return histograms({tag: [views[i] for i in idx] for tag, idx in groups.items()}, bins)
 
     def grad_histograms(self, bins: int = 64) -> dict[str, HistogramData]:
         """``grads/<unit>`` histograms of the current gradients (parameters without a gradient are skipped)."""
         tensors: dict[str, list[torch.Tensor]] = {}
-        for t in self._tracked:
-            if t.param.grad is not None:
-                tensors.setdefault(f"grads/{t.entry.unit}", []).append(_local(t.param.grad))
+        for t, g in zip(self._tracked, self._grads(), strict=True):
+            if g is not None:
+                tensors.setdefault(f"grads/{t.entry.unit}", []).append(g)
         return histograms(tensors, bins)
+
+    @staticmethod
+    def unit_norms_from(hists: dict[str, HistogramData]) -> dict[str, float]:
+        """Per-unit L2 norms from histograms tagged ``<kind>/<unit>[/<role>]`` (their sums of squares): the norms
+        come for free with the histograms. Non-finite values, which histograms leave out, are left out here too."""
+        squares: dict[str, float] = {}
+        for tag, h in hists.items():
+            parts = tag.split("/")[1:]
+            if len(parts) > 1 and parts[-1] in SUBROLES:
+                parts = parts[:-1]
+            unit = "/".join(parts)
+            squares[unit] = squares.get(unit, 0.0) + h.sum_squares
+        return {u: math.sqrt(v) for u, v in squares.items()}
 
     # -- per-tensor checks -------------------------------------------------------------------------------------------
     def first_nonfinite(self, grads: bool = False, limit_fraction: float | None = None) -> tuple[str, str] | None:
         """The first parameter (in forward order) holding NaN/Inf, or a magnitude above ``limit_fraction`` of its
-        dtype's largest finite value; returns ``(name, unit)`` or ``None``. One synchronisation."""
-        tensors = []
-        for t in self._tracked:
-            x = t.param.grad if grads else t.param.detach()
-            tensors.append(None if x is None else _local(x))
-        flags = []
-        for x in tensors:
-            if x is None or x.numel() == 0:
-                flags.append(torch.zeros((), dtype=torch.bool))
-                continue
-            bad = ~torch.isfinite(x).all()
-            if limit_fraction is not None and x.is_floating_point():
-                bad = bad | (x.abs().amax() > limit_fraction * torch.finfo(x.dtype).max)
-            flags.append(bad)
-        if not flags:
+        dtype's largest finite value; returns ``(name, unit)`` or ``None``.
+
+        One norm per tensor and one synchronisation; only tensors whose norm is non-finite or above the limit (the
+        norm bounds the largest magnitude from above) are then looked at element by element.
+        """
+        items = []
+        for t, x in zip(self._tracked, self._grads() if grads else self._weights(), strict=True):
+            if x is not None and x.numel() and x.is_floating_point():
+                items.append((t, x))
+        if not items:
             return None
-        values = _to_cpu([f.float() for f in flags])
-        for t, v in zip(self._tracked, values, strict=True):
-            if v > 0:
+        norms = _to_cpu(_norms([x for _, x in items]))
+        for (t, x), norm in zip(items, norms, strict=True):
+            limit = math.inf if limit_fraction is None else limit_fraction * torch.finfo(x.dtype).max
+            if math.isfinite(norm) and norm <= limit:
+                continue
+            bad = not bool(torch.isfinite(x).all())
+            if not bad and limit_fraction is not None:
+                bad = float(x.abs().amax()) > limit
+            if bad:
                 return t.entry.name, t.entry.unit
         return None
 
     def all_finite(self) -> bool:
-        """Whether every parameter is finite (one norm per parameter, one synchronisation per device)."""
-        norms = [torch.linalg.vector_norm(_local(t.param.detach()).float()) for t in self._tracked if t.param.numel()]
-        return all(math.isfinite(v) for v in _to_cpu(norms))
+        """Whether the norm of every parameter is finite (one fused norm per parameter, one synchronisation)."""
+        tensors = [v for v in self._weights() if v.numel() and v.is_floating_point()]
+        return all(math.isfinite(v) for v in _to_cpu(_norms(tensors)))
 
     def bimodality(self, min_numel: int = 256) -> dict[str, float]:
-        """Bimodality coefficient of every weight matrix (``ndim >= 2``, at least ``min_numel`` values), by name."""
+        """Bimodality coefficient of every weight matrix (``ndim >= 2``, at least ``min_numel`` values), by name.
+
+        Matrices larger than ``update_sample_size`` are measured on the same fixed strided sample as the update
+        ratios (the coefficient of a 65536-value sample is within about 0.01 of the whole matrix's).
+        """
+        views = self._weights()
         chosen = [
-            t for t in self._tracked if t.entry.kind == WEIGHTS and t.param.ndim >= 2 and t.param.numel() >= min_numel
+            (t, views[i])
+            for i, t in enumerate(self._tracked)
+            if t.entry.kind == WEIGHTS and t.param.ndim >= 2 and t.param.numel() >= min_numel
         ]
         if not chosen:
             return {}
-        moments = _to_cpu(
-            [m for t in chosen for m in _central_moments(_local(t.param.detach()).reshape(-1).to(torch.float64))]
-        )
+        samples = [v[:: t.stride].float() for t, v in chosen]
+        chosen = [t for t, _ in chosen]
+        moments = _to_cpu([m for x in samples for m in _central_moments(x)])
         out = {}
-        for i, t in enumerate(chosen):
+        for i, (t, x) in enumerate(zip(chosen, samples, strict=True)):
             m2, m3, m4 = moments[3 * i : 3 * i + 3]
-            out[t.entry.name] = _bc_from_moments(_local(t.param.detach()).numel(), m2, m3, m4)
+            out[t.entry.name] = _bc_from_moments(x.numel(), m2, m3, m4)
         return out
 
     def unit_of(self, name: str) -> str:
@@ -458,74 +507,145 @@ class ParamStats:
         raise KeyError(name)
 
 
+TAIL_SIGMAS = 6.0
+MAX_TAIL_BINS = 4
+CAT_LIMIT = 1 << 20
+
+
 def histograms(tensors: dict[str, list[torch.Tensor]], bins: int = 64) -> dict[str, HistogramData]:
     """Histograms of groups of tensors (each group pooled), computed on the tensors' device with ``torch.histc``.
 
-    Non-finite entries are left out of the buckets. Two synchronisations in all: one for the ranges, one for the
-    counts and moments.
+    Buckets: ``bins`` equal buckets over ``mean +- 6 std`` of the group (:data:`TAIL_SIGMAS`, clipped to its
+    ``[min, max]``), plus one bucket for each tail beyond, so that a few outliers (common in pretrained weights) do
+    not squeeze the bulk of the distribution into a handful of buckets. Non-finite entries are left out. Two
+    synchronisations in all (ranges and moments, then counts), about four kernels per tensor.
     """
-    groups = {}
+    groups: dict[str, list[torch.Tensor]] = {}
     for tag, xs in tensors.items():
-        flat = [x.detach().reshape(-1) for x in xs if x is not None and x.numel() > 0]
+        flat = [x if x.dim() == 1 else x.detach().reshape(-1) for x in xs if x is not None and x.numel() > 0]
+        flat = [x if x.dtype == torch.float32 else x.float() for x in flat]
+        # pool the small tensors of a group (biases, norms, small matrices) into one: fewer kernel launches
+        small = [x for x in flat if x.numel() < CAT_LIMIT]
+        if len(small) > 1 and len({x.device for x in small}) == 1:
+            flat = [x for x in flat if x.numel() >= CAT_LIMIT] + [torch.cat(small)]
         if flat:
             groups[tag] = flat
     if not groups:
         return {}
-    ranges_dev = []
+    # pass 1: min, max, sum, sum of squares of every tensor
+    firsts = []
     for xs in groups.values():
         for x in xs:
-            ranges_dev.extend(_finite_aminmax(x))
-    ranges = _to_cpu(ranges_dev)
-    bounds: dict[str, tuple[float, float]] = {}
+            lo, hi = torch.aminmax(x)
+            firsts.extend([lo, hi, x.sum(), torch.dot(x, x)])
+    values = _to_cpu(firsts)
+    stats: dict[str, list[float]] = {}
     k = 0
     for tag, xs in groups.items():
-        lo, hi = math.inf, -math.inf
-        for _ in xs:
-            lo, hi = min(lo, ranges[k]), max(hi, ranges[k + 1])
-            k += 2
-        if not math.isfinite(lo) or not math.isfinite(hi):  # nothing finite at all
-            lo, hi = 0.0, 0.0
-        if hi <= lo:
-            pad = max(abs(lo) * 1e-3, 1e-8)
-            lo, hi = lo - pad, hi + pad
-        bounds[tag] = (lo, hi)
-    results_dev = []
+        part = [values[k + 4 * i : k + 4 * i + 4] for i in range(len(xs))]
+        k += 4 * len(xs)
+        if not all(math.isfinite(v) for row in part for v in row):
+            # rare path: drop NaN/Inf (and values whose square overflows) from this group
+            xs = [x[torch.isfinite(x)] for x in xs]
+            xs = [x for x in xs if x.numel()]
+            groups[tag] = xs
+            part = [_to_cpu([*torch.aminmax(x), x.sum(), torch.dot(x.double(), x.double())]) for x in xs]
+        n = sum(x.numel() for x in xs)
+        lo, hi = min((r[0] for r in part), default=0.0), max((r[1] for r in part), default=0.0)
+        total, squares = sum(r[2] for r in part), sum(r[3] for r in part)
+        stats[tag] = [n, lo, hi, total, squares]
+    # pass 2: one histc per tensor over a grid whose central `bins` buckets span mean +- 6 std
+    seconds, layout = [], {}
     for tag, xs in groups.items():
-        lo, hi = bounds[tag]
-        counts, s1, s2 = None, None, None
-        for x in xs:
-            xf = x.float()
-            # histc ignores NaN and values outside [lo, hi] (so +-inf too): only finite values are counted
-            c = torch.histc(xf, bins=bins, min=lo, max=hi).double()
-            xd = torch.where(torch.isfinite(xf), xf, torch.zeros((), dtype=xf.dtype, device=xf.device)).double()
-            a, b = xd.sum(), (xd * xd).sum()
-            counts = c if counts is None else counts + c
-            s1 = a if s1 is None else s1 + a
-            s2 = b if s2 is None else s2 + b
-        results_dev.extend([counts, s1.reshape(1), s2.reshape(1)])
-    flat = _to_cpu(results_dev)
+        n, lo, hi, total, squares = stats[tag]
+        if n == 0:
+            continue
+        mean = total / n
+        std = math.sqrt(max(squares / n - mean * mean, 0.0))
+        a, b = max(lo, mean - TAIL_SIGMAS * std), min(hi, mean + TAIL_SIGMAS * std)
+        if not b > a:
+            a, b = lo, hi
+        if not b > a:
+            pad = max(abs(a) * 1e-3, 1e-8)
+            a, b = a - pad, b + pad
+        width = (b - a) / bins
+        left = math.ceil((a - lo) / width - 1e-9) if lo < a else 0
+        right = math.ceil((hi - b) / width - 1e-9) if hi > b else 0
+        if left + right <= MAX_TAIL_BINS * bins:  # one histc over an extended grid, tails merged afterwards
+            grid_lo, grid_hi, nbins = a - left * width, b + right * width, bins + left + right
+            counts = sum(torch.histc(x, bins=nbins, min=grid_lo, max=grid_hi) for x in xs)
+            seconds.append(counts)
+            layout[tag] = (a, b, lo, hi, left, right, None)
+        else:  # far outliers: central histc plus two comparisons
+            counts = sum(torch.histc(x, bins=bins, min=a, max=b) for x in xs)
+            below = sum((x < a).sum() for x in xs)
+            above = sum((x > b).sum() for x in xs)
+            seconds.append(torch.cat([below.reshape(1).to(counts), counts, above.reshape(1).to(counts)]))
+            layout[tag] = (a, b, lo, hi, 1, 1, "split")
+    flat = _to_cpu(seconds)
     out: dict[str, HistogramData] = {}
     i = 0
-    for tag in groups:
-        counts_list = flat[i : i + bins]
-        s1, s2 = flat[i + bins], flat[i + bins + 1]
-        i += bins + 2
-        lo, hi = bounds[tag]
-        width = (hi - lo) / bins
-        limits = [lo + width * (j + 1) for j in range(bins)]
-        num = int(round(sum(counts_list)))
+    for tag, (a, b, lo, hi, left, right, mode) in layout.items():
+        size = bins + left + right if mode is None else bins + 2
+        raw = flat[i : i + size]
+        i += size
+        if mode is None:
+            below, central, above = sum(raw[:left]), raw[left : left + bins], sum(raw[left + bins :])
+        else:
+            below, central, above = raw[0], raw[1 : bins + 1], raw[-1]
+        width = (b - a) / bins
+        limits = [a + width * (j + 1) for j in range(bins)]
+        counts = list(central)
+        if left:
+            limits.insert(0, a)
+            counts.insert(0, below)
+        if right:
+            limits[-1] = b
+            limits.append(hi)
+            counts.append(above)
+        n, _, _, total, squares = stats[tag]
         out[tag] = HistogramData(
-            min=lo, max=hi, num=num, sum=s1, sum_squares=s2, bucket_limits=limits, bucket_counts=counts_list
+            min=min(lo, a),
+            max=max(hi, b),
+            num=int(round(sum(counts))),
+            sum=total,
+            sum_squares=squares,
+            bucket_limits=limits,
+            bucket_counts=counts,
         )
     return out
 
 
-def _finite_aminmax(x: torch.Tensor) -> list[torch.Tensor]:
-    xf = x.float()
-    finite = torch.isfinite(xf)
-    lo = torch.where(finite, xf, torch.full((), math.inf, device=xf.device)).amin()
-    hi = torch.where(finite, xf, torch.full((), -math.inf, device=xf.device)).amax()
-    return [lo, hi]
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 copies of ``tensors`` (one fused ``torch._foreach_mul`` per device and dtype where available)."""
+    if not tensors:
+        return []
+    if not hasattr(torch, "_foreach_mul"):
+        return [x.float().clone() for x in tensors]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    buckets: dict[tuple, list[int]] = {}
+    for i, x in enumerate(tensors):
+        buckets.setdefault((x.device, x.dtype), []).append(i)
+    for idx in buckets.values():
+        for i, c in zip(idx, torch._foreach_mul([tensors[i] for i in idx], 1.0), strict=True):
+            out[i] = c.float()
+    return out  # type: ignore[return-value]
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of each tensor (fused per device and dtype with ``torch._foreach_norm`` where available)."""
+    if not tensors:
+        return []
+    if hasattr(torch, "_foreach_norm"):
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        buckets: dict[tuple, list[int]] = {}
+        for i, x in enumerate(tensors):
+            buckets.setdefault((x.device, x.dtype), []).append(i)
+        for idx in buckets.values():
+            for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx]), strict=True):
+                out[i] = n.float()
+        return out
+    return [torch.linalg.vector_norm(x).float() for x in tensors]
 
 
 def _local(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -536,25 +656,24 @@ def _local(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _to_cpu(values: Iterable[torch.Tensor]) -> list[float]:
-    """Move a list of 0-d/1-d tensors to the CPU in one copy per device and return them as floats."""
+    """Flatten a list of tensors into Python floats with one copy to the CPU per (device, dtype)."""
     values = list(values)
     if not values:
         return []
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    out: list[float] = [0.0] * sum(v.numel() for v in values)
-    # positions of each value in the flattened output
-    offsets = []
-    pos = 0
+    offsets, pos = [], 0
     for v in values:
         offsets.append(pos)
         pos += v.numel()
-    for idx in by_device.values():
-        cat = torch.cat([values[i].reshape(-1).double() for i in idx]).cpu().tolist()
+    out: list[float] = [0.0] * pos
+    buckets: dict[tuple, list[int]] = {}
+    for i, v in enumerate(values):
+        buckets.setdefault((v.device, v.dtype), []).append(i)
+    for idx in buckets.values():
+        parts = [values[i].reshape(-1) for i in idx]
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().tolist()
         k = 0
         for i in idx:
             n = values[i].numel()
-            out[offsets[i] : offsets[i] + n] = cat[k : k + n]
+            out[offsets[i] : offsets[i] + n] = flat[k : k + n]
             k += n
     return out

@@ -15,9 +15,11 @@ Weights are also written once at the start of training (step 0) and after the la
 just before ``optimizer.step()``. Gradients are read there, so they are exactly what the optimizer receives: summed
 over gradient-accumulation micro-batches, all-reduced across DDP ranks, unscaled and **after clipping**.
 
-**Cost.** Histograms and norms are computed on the parameters' own device (``torch.histc``) and only the bucket
-counts travel to the CPU (:class:`hf_wb.stats.ParamStats`); nothing happens on the other steps. The benchmark
-``benchmarks/monitoring_overhead.py`` measures the overhead.
+**Cost.** Histograms and norms are computed on the parameters' own device (``torch.histc``, small tensors of a group
+pooled first, fused norms) and only the bucket counts travel to the CPU, in two copies
+(:class:`hf_wb.stats.ParamStats`); nothing happens on the other steps. The callback's own writer queues up to
+:data:`MAX_QUEUE` events and flushes every :data:`FLUSH_SECS` seconds and at the end, so a logging step never waits
+for the disk. The benchmark ``benchmarks/monitoring_overhead.py`` measures the overhead.
 
 **Where it writes.** ``writer`` may be a ``SummaryWriter`` (used as is, never closed here), or the Trainer's
 ``TensorBoardCallback`` (its writer is borrowed in ``on_train_begin``, so histograms land in the same run as the
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["WeightHistogramCallback", "acquire_writer", "release_writer", "default_log_dir"]
 
 DEFAULT_SUBDIR = os.path.join("runs", "hf_wb")
+MAX_QUEUE = 1000
+FLUSH_SECS = 30
 
 _lock = threading.Lock()
 _writers: dict[str, list[Any]] = {}  # absolute log dir -> [SummaryWriter, reference count]
@@ -66,7 +70,9 @@ def acquire_writer(log_dir: str):
     key = os.path.abspath(log_dir)
     with _lock:
         if key not in _writers:
-            _writers[key] = [SummaryWriter(log_dir=key), 0]
+            # a queue long enough for a logging step's events: with SummaryWriter's default of 10, adding an event
+            # blocks until the writer thread has caught up, which costs milliseconds per logging step
+            _writers[key] = [SummaryWriter(log_dir=key, max_queue=MAX_QUEUE, flush_secs=FLUSH_SECS), 0]
         _writers[key][1] += 1
         return _writers[key][0]
 
@@ -223,8 +229,12 @@ class WeightHistogramCallback(TrainerCallback):
 
     def _write_weights(self, step: int) -> None:
         if self.histograms:
-            self._write_histograms(self._stats.weight_histograms(self.bins, self.split_roles), step)
-        self._write_scalars("weight_norm", self._stats.weight_norms(), step)
+            hists = self._stats.weight_histograms(self.bins, self.split_roles)
+            self._write_histograms(hists, step)
+            norms = ParamStats.unit_norms_from(hists)  # the histograms' sums of squares: no extra pass
+        else:
+            norms = self._stats.weight_norms()
+        self._write_scalars("weight_norm", norms, step)
         self._last_weights_step = step
 
     def _write_lrs(self, step: int) -> None:
@@ -254,8 +264,12 @@ class WeightHistogramCallback(TrainerCallback):
             return
         step = state.global_step + 1
         if self.histograms:
-            self._write_histograms(self._stats.grad_histograms(self.bins), step)
-        self._write_scalars("grad_norm", self._stats.grad_norms(), step)
+            hists = self._stats.grad_histograms(self.bins)
+            self._write_histograms(hists, step)
+            norms = ParamStats.unit_norms_from(hists)
+        else:
+            norms = self._stats.grad_norms()
+        self._write_scalars("grad_norm", norms, step)
         self._stats.snapshot()
         self._pending_grad_step = step
 
@@ -267,7 +281,7 @@ class WeightHistogramCallback(TrainerCallback):
         self._write_scalars("update_ratio", self._stats.update_ratios(), step)
         self._write_weights(step)
         self._write_lrs(step)
-        self._slot.flush()
+        # no flush here: a flush waits for the writer thread; the writer flushes every FLUSH_SECS and at the end
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._stats is None or not self._slot.alive:
@@ -285,7 +299,6 @@ class WeightHistogramCallback(TrainerCallback):
         for key, value in rewrite_logs(logs).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._slot.writer.add_scalar(key, value, state.global_step)
-        self._slot.flush()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._slot.close()
