@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["RunData", "load_run", "render_report", "findings_table", "main", "MAX_UNIT_ROWS"]
 
 MAX_UNIT_ROWS = 8
+SMALL_GROUP = 32  # groups with at most this many values (an output bias) are drawn as mean and range lines
 _Y_BINS = 80
 
 
@@ -43,6 +44,11 @@ class Histogram:
     step: int
     edges: np.ndarray  # len(counts) + 1
     counts: np.ndarray
+    total: float = 0.0  # sum of the values
+
+    @property
+    def num(self) -> float:
+        return float(self.counts.sum())
 
 
 @dataclass
@@ -123,7 +129,7 @@ def _histogram(step: int, value: Any) -> Histogram | None:
     edges = np.concatenate([[left], limits])
     # TensorFlow-style histograms have +-DBL_MAX outer limits: clip them to the data range
     edges = np.clip(edges, float(value.min), float(value.max)) if value.max > value.min else edges
-    return Histogram(step, edges, counts)
+    return Histogram(step, edges, counts, float(value.sum))
 
 
 def _rebin(h: Histogram, grid: np.ndarray) -> np.ndarray:
@@ -155,9 +161,10 @@ def _merge(series_list: list[list[Histogram]]) -> list[Histogram]:
     merged = []
     for step in steps:
         hs = [next(h for h in s if h.step == step) for s in series_list]
-        lo, hi = min(h.edges[0] for h in hs), max(h.edges[-1] for h in hs)
-        grid = np.linspace(lo, hi, 129) if hi > lo else np.linspace(lo - 1e-8, hi + 1e-8, 129)
-        merged.append(Histogram(step, grid, sum(_rebin(h, grid) for h in hs)))
+        grid = np.unique(np.concatenate([h.edges for h in hs]))  # every bucket edge: no resolution lost
+        if grid.size < 2:
+            grid = np.array([grid[0] - 1e-8, grid[0] + 1e-8])
+        merged.append(Histogram(step, grid, sum(_rebin(h, grid) for h in hs), sum(h.total for h in hs)))
     return merged
 
 
@@ -229,6 +236,17 @@ def _heatmap(ax, series: list[Histogram], title: str) -> None:
     ax.tick_params(labelsize=7)
     if lo < 0 < hi:
         ax.axhline(0.0, color="white", lw=0.4, alpha=0.5)
+
+
+def _range_lines(ax, series: list[Histogram], title: str) -> None:
+    steps = [h.step for h in series]
+    ax.fill_between(steps, [h.edges[0] for h in series], [h.edges[-1] for h in series], color="C1", alpha=0.3,
+                    label="min to max")  # fmt: skip
+    ax.plot(steps, [h.total / h.num for h in series], color="C1", lw=1.2, label="mean")
+    ax.set_title(title, fontsize=8, loc="left")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, frameon=False, loc="best")
 
 
 def _lr_series(data: RunData) -> dict[str, list[tuple[int, float]]]:
@@ -352,7 +370,9 @@ def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike
             for c, kind in enumerate(kinds):
                 ax = fig.add_subplot(heat[r, c])
                 series = _unit_series(data, kind, unit)
-                if series:
+                if series and max(h.num for h in series) <= SMALL_GROUP:
+                    _range_lines(ax, series, f"{unit} {labels[kind]} ({int(series[-1].num)} values)")
+                elif series:
                     _heatmap(ax, series, f"{unit} {labels[kind]}")
                 else:
                     ax.set_axis_off()

@@ -43,7 +43,9 @@ __all__ = [
     "depth_trend",
     "group_parameters",
     "kl_divergence",
+    "histograms",
     "param_subrole",
+    "to_floats",
 ]
 
 ATTN = "attn"
@@ -349,7 +351,7 @@ class ParamStats:
     def _unit_norms(items: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
         if not items:
             return {}
-        norms = _to_cpu(_norms([x for _, x in items]))
+        norms = to_floats(_norms([x for _, x in items]))
         out: dict[str, float] = {}
         for (unit, _), n in zip(items, norms, strict=True):
             out[unit] = out.get(unit, 0.0) + n * n
@@ -392,7 +394,7 @@ class ParamStats:
             if hasattr(torch, "_foreach_sub")
             else [a - b for a, b in zip(afters, befores, strict=True)]
         )
-        values = _to_cpu(_norms(deltas) + _norms(befores))
+        values = to_floats(_norms(deltas) + _norms(befores))
         d_sq: dict[str, float] = {}
         w_sq: dict[str, float] = {}
         for i, unit in enumerate(units):
@@ -460,7 +462,7 @@ class ParamStats:
                 items.append((t, x))
         if not items:
             return None
-        norms = _to_cpu(_norms([x for _, x in items]))
+        norms = to_floats(_norms([x for _, x in items]))
         for (t, x), norm in zip(items, norms, strict=True):
             limit = math.inf if limit_fraction is None else limit_fraction * torch.finfo(x.dtype).max
             if math.isfinite(norm) and norm <= limit:
@@ -475,7 +477,7 @@ class ParamStats:
     def all_finite(self) -> bool:
         """Whether the norm of every parameter is finite (one fused norm per parameter, one synchronisation)."""
         tensors = [v for v in self._weights() if v.numel() and v.is_floating_point()]
-        return all(math.isfinite(v) for v in _to_cpu(_norms(tensors)))
+        return all(math.isfinite(v) for v in to_floats(_norms(tensors)))
 
     def bimodality(self, min_numel: int = 256) -> dict[str, float]:
         """Bimodality coefficient of every weight matrix (``ndim >= 2``, at least ``min_numel`` values), by name.
@@ -493,7 +495,7 @@ class ParamStats:
             return {}
         samples = [v[:: t.stride].float() for t, v in chosen]
         chosen = [t for t, _ in chosen]
-        moments = _to_cpu([m for x in samples for m in _central_moments(x)])
+        moments = to_floats([m for x in samples for m in _central_moments(x)])
         out = {}
         for i, (t, x) in enumerate(zip(chosen, samples, strict=True)):
             m2, m3, m4 = moments[3 * i : 3 * i + 3]
@@ -538,7 +540,7 @@ def histograms(tensors: dict[str, list[torch.Tensor]], bins: int = 64) -> dict[s
         for x in xs:
             lo, hi = torch.aminmax(x)
             firsts.extend([lo, hi, x.sum(), torch.dot(x, x)])
-    values = _to_cpu(firsts)
+    values = to_floats(firsts)
     stats: dict[str, list[float]] = {}
     k = 0
     for tag, xs in groups.items():
@@ -549,7 +551,7 @@ def histograms(tensors: dict[str, list[torch.Tensor]], bins: int = 64) -> dict[s
             xs = [x[torch.isfinite(x)] for x in xs]
             xs = [x for x in xs if x.numel()]
             groups[tag] = xs
-            part = [_to_cpu([*torch.aminmax(x), x.sum(), torch.dot(x.double(), x.double())]) for x in xs]
+            part = [to_floats([*torch.aminmax(x), x.sum(), torch.dot(x.double(), x.double())]) for x in xs]
         n = sum(x.numel() for x in xs)
         lo, hi = min((r[0] for r in part), default=0.0), max((r[1] for r in part), default=0.0)
         total, squares = sum(r[2] for r in part), sum(r[3] for r in part)
@@ -582,7 +584,7 @@ def histograms(tensors: dict[str, list[torch.Tensor]], bins: int = 64) -> dict[s
             above = sum((x > b).sum() for x in xs)
             seconds.append(torch.cat([below.reshape(1).to(counts), counts, above.reshape(1).to(counts)]))
             layout[tag] = (a, b, lo, hi, 1, 1, "split")
-    flat = _to_cpu(seconds)
+    flat = to_floats(seconds)
     out: dict[str, HistogramData] = {}
     i = 0
     for tag, (a, b, lo, hi, left, right, mode) in layout.items():
@@ -655,7 +657,7 @@ def _local(x: torch.Tensor | None) -> torch.Tensor | None:
     return x
 
 
-def _to_cpu(values: Iterable[torch.Tensor]) -> list[float]:
+def to_floats(values: Iterable[torch.Tensor]) -> list[float]:
     """Flatten a list of tensors into Python floats with one copy to the CPU per (device, dtype)."""
     values = list(values)
     if not values:

@@ -59,7 +59,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from hf_wb.callbacks.histograms import _WriterSlot
 from hf_wb.layers import unwrap_model
-from hf_wb.stats import ParamStats, _to_cpu, depth_trend, kl_divergence
+from hf_wb.stats import ParamStats, depth_trend, kl_divergence, to_floats
 
 logger = logging.getLogger(__name__)
 
@@ -576,7 +576,7 @@ class WeightDiagnosticsCallback(TrainerCallback):
     def _check_dead_units(self, step: int) -> None:
         layers, evidence = [], {}
         recorded = {n: f for n, f in self._alive.items() if f is not None and f.numel() > 0}
-        fractions = _to_cpu([1.0 - f.float().mean() for f in recorded.values()])  # one synchronisation
+        fractions = to_floats([1.0 - f.float().mean() for f in recorded.values()])  # one synchronisation
         for (name, fired), dead in zip(recorded.items(), fractions, strict=True):
             if dead > self.config.dead_unit_fraction:
                 layers.append(name)
