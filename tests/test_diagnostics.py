@@ -312,6 +312,29 @@ def test_learning_rate_too_low_reported_to_json_tensorboard_and_the_log_once(tmp
     assert "diagnostics/update_ratio_low/text_summary" in acc.Tags()["tensors"]
 
 
+def test_resumed_run_keeps_its_earlier_findings(tmp_path):
+    earlier = [
+        Finding("update_ratio_low", "warning", 5, ["head"], "m", "a", {"head": {"update_ratio": 1e-7}}).to_dict(),
+        Finding("dead_units", "warning", 50, ["x.act"], "m", "a").to_dict(),  # after the checkpoint: dropped
+    ]
+    (tmp_path / "diagnostics.json").write_text(json.dumps(earlier))
+    callback = WeightDiagnosticsCallback(DiagnosticsConfig(**FAST))
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 10
+    callback.on_train_begin(args, state, control, model=tiny_model("bert"), optimizer=None, train_dataloader=None)
+    assert [f.to_dict() for f in callback.findings] == earlier[:1]
+    callback._emit("update_ratio_low", "warning", 15, ["head", "block_00"], "m", {})  # head was reported already
+    callback.on_train_end(args, state, control)
+    saved = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert [(f["step"], f["layers"]) for f in saved] == [(5, ["head"]), (15, ["block_00"])]
+    # a new run (step 0) starts a new list
+    state.global_step = 0
+    callback.on_train_begin(args, state, control, model=tiny_model("bert"), optimizer=None, train_dataloader=None)
+    callback.on_train_end(args, state, control)
+    assert callback.findings == [] and not (tmp_path / "diagnostics.json").exists()
+
+
 def test_only_the_main_process_reports(tmp_path):
     callback = WeightDiagnosticsCallback(DiagnosticsConfig(**FAST))
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")

@@ -38,7 +38,8 @@ raises a :class:`Finding` (severity, kind, layers, evidence numbers, advice) for
     training set. The labels come from the constructor (``labels=``) or the Trainer's training dataset.
 
 Each finding is logged as a warning once per (kind, layer), written to TensorBoard as text (``diagnostics/<kind>``)
-and appended to ``<output_dir>/diagnostics.json`` (a JSON list of dicts, rewritten as findings arrive). Everything
+and appended to ``<output_dir>/diagnostics.json`` (a JSON list of dicts, rewritten as findings arrive; a new run
+starts a new list, a run resumed from a checkpoint keeps the findings up to its step). Everything
 runs on the main process only, except the non-finite weight check when ``stop_on_nonfinite`` is set (all ranks
 check their weights and agree through an all-reduce, so they stop together).
 """
@@ -411,8 +412,13 @@ class WeightDiagnosticsCallback(TrainerCallback):
             return
         self._slot.open(args, state)
         self._json_path = os.path.join(args.output_dir or ".", DIAGNOSTICS_FILE)
+        self.findings = []
         if os.path.exists(self._json_path):
-            os.remove(self._json_path)  # a new run: old findings would mislead
+            if state.global_step > 0:  # resumed from a checkpoint: keep the run's findings and report each once
+                self.findings = _load_findings(self._json_path, state.global_step)
+                self._seen.update((f.kind, x) for f in self.findings for x in f.layers)
+            else:  # a new run: old findings would mislead
+                os.remove(self._json_path)
         self._optimizer = kwargs.get("optimizer")
         self._map_unit_groups()
         self._find_activations(model)
@@ -772,6 +778,17 @@ class WeightDiagnosticsCallback(TrainerCallback):
                     "labels_read": int(y.shape[0]),
                 },
             )
+
+
+def _load_findings(path: str, step: int) -> list[Finding]:
+    """Findings saved by an earlier part of a resumed run, up to ``step`` (later ones belong to a lost future)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return [Finding(**item) for item in saved if item.get("step", 0) <= step]
+    except (OSError, ValueError, TypeError) as exc:
+        logger.warning("Could not read the earlier findings in %s (%s); starting a new list.", path, exc)
+        return []
 
 
 def _to_array(labels: Any) -> Any:
