@@ -306,7 +306,7 @@ from hf_wb.callbacks import WeightDiagnosticsCallback, DiagnosticsConfig, Weight
 out = sys.argv[1]
 args = TrainingArguments(out, max_steps=4, per_device_train_batch_size=8, use_cpu=True, report_to="none",
                          save_strategy="no", disable_tqdm=True, logging_steps=1, learning_rate=1e-9)
-cfg = DiagnosticsConfig(every_n_steps=1, activation_window=1, patience=1)
+cfg = DiagnosticsConfig(every_n_steps=1, activation_window=1, patience=1, nonfinite_every_n_steps=2)  # all-reduce
 hist = WeightHistogramCallback(every_n_steps=2, log_dir=os.path.join(out, "tb", "rank" + os.environ["RANK"]))
 diag = WeightDiagnosticsCallback(cfg, stop_on_nonfinite=True)
 trainer = Trainer(model=tiny_model("bert"), args=args, train_dataset=TokenData(), callbacks=[hist, diag])
