@@ -20,5 +20,7 @@ demo:
 	python scripts/run_glue.py configs/glue/mrpc.yaml --max_train_samples 512 --num_train_epochs 1
 
 bench:
+	python benchmarks/monitoring_overhead.py
+	python benchmarks/bias_prior.py
 	python benchmarks/throughput.py
 	python benchmarks/glue_compare.py
