@@ -58,7 +58,7 @@ from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
 from hf_wb.glue.metrics import build_compute_metrics
 from hf_wb.glue.tasks import GlueTask, get_task
 from hf_wb.summary import resolve_model_path
-from hf_wb.trainer import WBTrainer
+from hf_wb.trainer import WBTrainer, loss_uses_num_items
 
 __all__ = [
     "DataArguments",
@@ -526,11 +526,10 @@ def run_glue(
         trainer: Trainer = WBTrainer(wb_config=wb_config, **trainer_kwargs)
     else:
         trainer = Trainer(**trainer_kwargs)
-    # Sequence-classification heads take **kwargs, so the Trainer assumes their loss is normalised by
-    # `num_items_in_batch` and multiplies it by the number of processes (and skips the division by
-    # gradient_accumulation_steps). Their loss is a plain batch mean: under 2-process DDP the loss and gradients
-    # came out 2x too large. Declare the loss a batch mean.
-    trainer.model_accepts_loss_kwargs = False
+    if not loss_uses_num_items(model):
+        # WBTrainer does this itself; the plain baseline needs the same fix, or its loss and gradients come out
+        # multiplied by the number of processes under DDP (see hf_wb.trainer.loss_uses_num_items).
+        trainer.model_accepts_loss_kwargs = False
 
     results: dict[str, Any] = {}
     if training_args.do_train:
