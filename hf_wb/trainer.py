@@ -299,15 +299,19 @@ class WBTrainer(Trainer):
         if mode == "off" or self.train_dataset is None:
             return
         try:
+            if isinstance(self.train_dataset, torch.utils.data.IterableDataset) or not hasattr(
+                self.train_dataset, "__len__"
+            ):
+                raise CacheUnsupported("the training set is iterable (no length, no row index to key the cache by).")
             cache = PrefixCache(self.model, self.wb_layer_map, self.wb_config.cache_dtype, self.wb_config.cache_dir)
+            self._wb_original_datasets = (self.train_dataset, self.eval_dataset)
+            self.wb_prefix_cache = cache
+            self._rebuild_prefix_cache()
         except CacheUnsupported as exc:
+            self._teardown_prefix_cache()
             if mode == "on":
                 raise CacheUnsupported(f"`cache_frozen_prefix`='on' cannot be served: {exc}") from exc
-            logger.info("hf_wb prefix cache off: %s", exc)
-            return
-        self._wb_original_datasets = (self.train_dataset, self.eval_dataset)
-        self.wb_prefix_cache = cache
-        self._rebuild_prefix_cache()
+            logger.info("hf_wb prefix cache off ('auto'): %s", exc)
 
     def _cache_sources(self) -> list[Any]:
         train, evals = self._wb_original_datasets

@@ -243,3 +243,34 @@ def test_works_with_datacollator_with_padding(tmp_path):
         assert mode == "off" or t.wb_cache_stats["served_batches"] == 4
         results.append(torch.cat([p.flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_mode_falls_back_on_left_padding(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    wb = dict(top_layers=2, histogram_steps=0, diagnostics=False, bias_prior=False)
+    auto = WBTrainer(
+        model=tiny_model("llama", 4),
+        args=args,
+        train_dataset=varlen_dataset(8),
+        data_collator=Pad("left"),
+        wb_config=WBConfig(cache_frozen_prefix="auto", **wb),
+    )
+    auto.train()
+    assert auto.wb_cache_stats["built"] == 0 and auto.wb_cache_stats["served_batches"] == 0
+    assert INDEX_COLUMN not in auto.train_dataset.column_names and auto.wb_prefix_cache is None
+    strict = WBTrainer(
+        model=tiny_model("llama", 4),
+        args=args,
+        train_dataset=varlen_dataset(8),
+        data_collator=Pad("left"),
+        wb_config=WBConfig(cache_frozen_prefix="on", **wb),
+    )
+    with pytest.raises(CacheUnsupported, match="right padding"):
+        strict.train()
