@@ -51,16 +51,26 @@ REPO = Path(__file__).resolve().parents[1]
 transformers.logging.set_verbosity_error()
 
 
+def clock() -> float:
+    """The benchmark's clock. On a GPU: wall time. On the CPU: the process's CPU time. With one compute thread
+    (``OMP_NUM_THREADS=1``, set by main() on CPU) that is the time the step computed, which other programs on a
+    shared machine do not inflate the way they inflate wall time."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 class StepTimer(TrainerCallback):
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(clock() - self._start)
 
 
 class PeakRSS:
@@ -267,9 +277,9 @@ def part2(model_path: str, train_rows: int, epochs: int, batch: int, glue_dir: s
         )
         trainer = Trainer(**common) if config is None else WBTrainer(**common, wb_config=config)
         with PeakRSS() as mem:
-            started = time.perf_counter()
+            started = clock()
             trainer.train()
-            wall = time.perf_counter() - started
+            wall = clock() - started
         stats = getattr(trainer, "wb_cache_stats", {}) or {}
         metrics = trainer.evaluate()
         rows[name] = {
@@ -291,8 +301,11 @@ def part2(model_path: str, train_rows: int, epochs: int, batch: int, glue_dir: s
 # ----- report ----------------------------------------------------------------------------------------------------
 def machine() -> str:
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} (CPU)"
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; times are wall-clock"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} (CPU), "
+        f"{torch.get_num_threads()} compute thread(s); times are the process's CPU time"
+    )
 
 
 def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | None, meta: dict[str, Any]) -> None:
@@ -300,8 +313,8 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
         "# Throughput: hf_wb against the plain Trainer",
         "",
         f"Machine: {meta['machine']}. Command: `{meta['command']}`. Date: {meta['date']}.",
-        "All figures in one process, side by side; this machine is shared and noisy, so read the ratios, not the "
-        "absolute times.",
+        "All figures in one process, side by side, configurations interleaved; this machine is shared and noisy, so "
+        "read the ratios, not the absolute times.",
         "",
     ]
     if p1 is not None:
@@ -352,7 +365,7 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
             "Recipe: WBConfig() defaults (top 3 of 6 blocks train at 5x, embeddings and blocks 0-2 frozen and "
             "eval-pinned). Wall time includes the cache build; the build is also shown alone.",
             "",
-            "| variant | train wall (s) | speed-up vs plain | cache build (s) | cache (MiB) | dev F1 | dev acc |",
+            "| variant | train time (s) | speed-up vs plain | cache build (s) | cache (MiB) | dev F1 | dev acc |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in p2.items():
@@ -376,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="1,2", help="which parts to run: 1, 2 or 1,2")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument("--output", default=str(REPO / "results" / "throughput.md"))
+    parser.add_argument("--threads", type=int, default=1, help="CPU compute threads (CPU time is measured)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.length, args.steps, args.rounds, args.epochs, args.train_rows = 8, 32, 2, 1, 1, 64
     model_path = resolve_model_path(args.model)
