@@ -6,9 +6,10 @@ tasks x recipes x learning rates x seeds, in two phases:
 
 1. **equal epochs**: every recipe trains ``--epochs`` epochs at every LR of the grid.
 2. **equal budget**: every non-baseline recipe, at its best LR of phase 1 (best mean dev score over seeds), trains for
-   the wall time the baseline needed at that LR. Rule: ``max_steps = round(B / t)``, where ``B`` is the baseline's
-   mean ``train_runtime`` (over seeds) on that task at that LR, and ``t`` the recipe's mean time per optimizer step on
-   that task in phase 1 (``train_runtime / steps``, averaged over all its phase-1 runs). The LR schedule (linear
+   the wall time the baseline needed. Rule: ``max_steps = round(S * t_base / t)``, where ``S`` is the baseline's
+   step count at that LR, and ``t_base`` and ``t`` the fastest time per optimizer step (``train_runtime / steps``) of
+   the baseline and of the recipe over all their phase-1 runs on that task (every LR and seed; the minimum, as
+   ``timeit`` does, because other work on a shared machine only ever slows a run down). The LR schedule (linear
    decay, 6% warmup) spans the new ``max_steps``. The baseline's equal-budget result is its phase-1 result, and so is
    that of a recipe whose budget buys within 10% of its phase-1 steps (``lwd``: nothing frozen, the baseline's speed).
 
@@ -477,14 +478,20 @@ def best_lr(cells: dict[tuple[str, str, float], list[dict[str, Any]]], task: str
 
 
 def budget_steps(s: Settings, epoch_cells: dict, task: str, recipe: str, lr: float) -> int | None:
-    """Steps that fill the baseline's mean train time at ``lr`` at the recipe's measured step time (see module doc)."""
+    """Steps that fill the baseline's train time at ``lr`` at the recipe's measured step time (see module doc).
+
+    Step times are the fastest over all equal-epoch runs of a recipe on the task (every LR and seed: the step time
+    does not depend on them): other work on a shared machine only ever slows a run down, so the minimum is the
+    least disturbed estimate, and it is taken the same way for the baseline and the recipe.
+    """
     base = epoch_cells.get((task, BASELINE, lr), [])
+    base_all = [r for (t, rc, _), runs in epoch_cells.items() if t == task and rc == BASELINE for r in runs]
     own = [r for (t, rc, _), runs in epoch_cells.items() if t == task and rc == recipe for r in runs]
     if len(base) < len(s.seeds) or not own:
         return None
-    budget = statistics.fmean(r["train_runtime"] for r in base)
-    step_time = statistics.fmean(r["step_time"] for r in own)
-    return max(1, round(budget / step_time))
+    base_steps = statistics.fmean(r["steps"] for r in base)
+    ratio = min(r["step_time"] for r in base_all) / min(r["step_time"] for r in own)
+    return max(1, round(base_steps * ratio))
 
 
 def reuses_epoch_runs(s: Settings, epoch_cells: dict, task: str, recipe: str, lr: float) -> bool:
@@ -620,6 +627,22 @@ def phase_table(s: Settings, rows: dict[str, dict[str, Any]], budget: bool) -> l
     return lines
 
 
+def step_time_table(s: Settings, records: list[dict[str, Any]]) -> list[str]:
+    fastest: dict[tuple[str, str], float] = {}
+    for r in records:
+        if r["phase"] == "equal_epochs":
+            key = (r["task"], r["recipe"])
+            fastest[key] = min(fastest.get(key, math.inf), r["step_time"])
+    lines = ["| recipe | " + " | ".join(s.tasks) + " |", "|" + "---|" * (len(s.tasks) + 1)]
+    for recipe in s.recipes:
+        cells = []
+        for task in s.tasks:
+            own, base = fastest.get((task, recipe)), fastest.get((task, BASELINE))
+            cells.append("-" if own is None or base is None else f"{own:.2f} ({own / base:.2f})")
+        lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(s: Settings, records: list[dict[str, Any]], planned: int, failed: int, command: str) -> Path:
     summary = summarize(s, records)
     md = s.out_dir / f"{s.name}.md"
@@ -632,11 +655,30 @@ def write_report(s: Settings, records: list[dict[str, Any]], planned: int, faile
     when = max((r["finished_at"] for r in records), default="-")
     threads = {r["threads"] for r in records}
     hosts = sorted({r["host"] for r in records})
+    counts: dict[tuple[str, str, float], int] = defaultdict(int)
+    for r in records:
+        if r["phase"] == "equal_epochs":
+            counts[(r["task"], r["recipe"], r["lr"])] += 1
+    missing = [
+        f"{task} `{recipe}` lr {lr:g} ({counts[(task, recipe, lr)]} of {len(s.seeds)} seeds)"
+        for task in s.tasks
+        for lr in s.lrs
+        for recipe in s.recipes
+        if counts[(task, recipe, lr)] < len(s.seeds)
+    ]
     lines = [
         "# GLUE: the hf_wb recipes against plain fine-tuning",
         "",
         f"Status: **{status}** (last run finished {when}).",
         "",
+    ]
+    if missing:
+        lines += [
+            "Equal-epoch grid cells with fewer runs than seeds (a cell with none is not a candidate for the best "
+            f"LR): {'; '.join(missing)}.",
+            "",
+        ]
+    lines += [
         f"Model `{s.model}`; tasks {', '.join(s.tasks)}; training rows (the first N of train.tsv): {sizes}; dev "
         f"rows: {s.max_eval_samples or 'all'}; {steps_rule} at batch {s.batch_size}, max length "
         f"{s.max_seq_length}, AdamW, linear decay with 6% warmup, weight decay 0.01; base LR grid "
@@ -661,10 +703,16 @@ def write_report(s: Settings, records: list[dict[str, Any]], planned: int, faile
         "",
         *phase_table(s, summary["phases"]["equal_epochs"], budget=False),
         "",
+        "Step time (s per optimizer step, the fastest of all (a) runs of the recipe on the task; other work on the "
+        "shared machine only slows runs down) and its ratio to the baseline's:",
+        "",
+        *step_time_table(s, records),
+        "",
         "## (b) Equal wall-clock budget",
         "",
-        "Each non-baseline recipe, at its best LR from (a), trains for the baseline's mean train time at that LR: "
-        "`max_steps = round(baseline_time / recipe_step_time)`, the step time measured in (a); the LR schedule spans "
+        "Each non-baseline recipe, at its best LR from (a), trains for the baseline's train time: "
+        "`max_steps = round(baseline_steps * baseline_step_time / recipe_step_time)`, step times = the fastest of all "
+        "(a) runs of each recipe on the task (other work on the machine only slows runs down); the LR schedule spans "
         "the new step count; `ep` = the epochs this amounts to. The baseline row is its (a) result, and so is the row "
         f"of a recipe whose budget buys within {REUSE_TOLERANCE:.0%} of its equal-epoch steps (it already runs at the "
         "baseline's speed; no extra runs are made).",
@@ -718,8 +766,8 @@ def write_plot(s: Settings, summary: dict[str, Any], path: Path) -> None:
         ax.set_title(titles[phase])
         finite = [c["mean"] for r in rows.values() for c in r.values() if not math.isnan(c["mean"])]
         if finite:
-            low = min(finite)
-            ax.set_ylim(max(0.0, low - 10), min(100.0, max(finite) + 5))
+            ax.set_ylim(min(0.0, min(finite) - 3), min(100.0, max(finite) + 5))
+            ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
     ax = axes[2]
