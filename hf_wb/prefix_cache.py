@@ -2,9 +2,10 @@
 
 When the embeddings and the bottom ``k`` blocks of a stack are frozen and pinned to eval mode, the hidden states
 that leave block ``k - 1`` never change for a given example: no weight there moves and no dropout runs. The cache
-runs that prefix once over the training (and evaluation) examples, stores each example's states (unpadded, in
-float32, bfloat16 or float16; in memory or memory-mapped on disk), and during training replaces the frozen blocks'
-``forward`` so that:
+keeps each example's states (unpadded, in float32, bfloat16 or float16) once they have been computed: in memory it
+records them while the first epoch runs the full model (no separate pass), on disk (memory-mapped) it runs the
+prefix once over the training and evaluation examples before training. Once an example is cached the frozen blocks'
+``forward`` is replaced so that:
 
 - blocks ``0 .. k-2`` pass their input through unchanged (no compute),
 - block ``k - 1`` returns the cached states of the batch's examples, right-padded to the batch's length,
@@ -144,11 +145,14 @@ class PrefixCache:
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._installed: list[nn.Module] = []
         self._tuple_len = 0
+        self._rows: list[torch.Tensor | None] | None = None  # lazy mode: filled as the first epoch runs
         self.stats = {"built": 0, "build_seconds": 0.0, "served_batches": 0}
 
     # ----- building --------------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
+        if self._rows is not None:
+            return sum(r.numel() * r.element_size() for r in self._rows if r is not None)
         return 0 if self.storage is None else self.storage.numel() * self.storage.element_size()
 
     def build(
@@ -158,11 +162,17 @@ class PrefixCache:
         batch_size: int = 64,
         device: torch.device | str = "cpu",
         progress: bool = True,
+        lazy: bool = False,
     ) -> list[int]:
         """Run the frozen prefix over every example of ``sources`` (datasets of tokenised rows) and store the states.
 
         Rows get global cache indices in order: source 0's rows first, then source 1's... Returns each source's
         offset (the index of its first row). Reuses a memory-mapped cache in ``cache_dir`` with the same key.
+
+        With ``lazy=True`` (in memory only) nothing is computed now: the first time a batch's rows pass through the
+        model, the full forward runs and the boundary's states are recorded; later batches of recorded rows are
+        served from the cache. The first epoch then costs what it costs without the cache, and there is no
+        separate build pass.
         """
         columns = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
         starts, total = [], 0
@@ -179,6 +189,16 @@ class PrefixCache:
             return starts
         if self.key is not None:
             logger.info("hf_wb prefix cache: weights, boundary or data changed; rebuilding")
+        if lazy and not self.cache_dir:
+            probe = [{k: v for k, v in row.items() if k in _MODEL_INPUTS} for row in _head(sources[0], batch_size)]
+            if probe:  # the collator must pad on the right (checked now, not in the middle of training)
+                batch = collate(probe)
+                _check_right_padding(batch.get("attention_mask", torch.ones_like(batch["input_ids"])))
+            self.storage, self.offsets, self._rows = None, None, [None] * total
+            self.num_examples, self.key = total, key
+            self.stats["built"] += 1
+            return starts
+        self._rows = None
         started = time.perf_counter()
         self._compute(sources, collate, batch_size, device, total, progress)
         self.stats["built"] += 1
@@ -279,20 +299,39 @@ class PrefixCache:
         return True
 
     # ----- serving ---------------------------------------------------------------------------------------------
+    def ready(self, indices: torch.Tensor) -> bool:
+        """Whether every row of the batch is in the cache (always, once built; in lazy mode, once recorded)."""
+        if self._rows is None:
+            return self.storage is not None
+        return all(self._rows[i] is not None for i in indices.tolist())
+
+    def record(self, indices: torch.Tensor, attention_mask: torch.Tensor, output: Any) -> None:
+        """Lazy mode: keep the boundary block's output for the batch's rows (unpadded, in the storage dtype)."""
+        self._tuple_len = len(output) if isinstance(output, tuple) else 0
+        states = output[0] if isinstance(output, tuple) else output
+        for row, i in enumerate(indices.tolist()):
+            n = int(attention_mask[row].sum())
+            self._rows[i] = states[row, :n].detach().to("cpu", _DTYPES[self.dtype]).clone()
+
+    def _row(self, i: int) -> torch.Tensor:
+        if self._rows is not None:
+            return self._rows[i]
+        return self.storage[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
     def gather(self, indices: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """States for a batch: rows ``indices``, right-padded (zeros) to the mask's length."""
         batch, length = attention_mask.shape
         self.stats["served_batches"] += 1
-        out = torch.zeros(batch, length, self.storage.shape[1], dtype=dtype)
-        for row, i in enumerate(indices.tolist()):
-            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-            n = end - start
+        rows = [self._row(i) for i in indices.tolist()]
+        out = torch.zeros(batch, length, rows[0].shape[-1], dtype=dtype)
+        for row, (i, states) in enumerate(zip(indices.tolist(), rows, strict=True)):
+            n = states.shape[0]
             if n != int(attention_mask[row].sum()):
                 raise RuntimeError(
                     f"hf_wb prefix cache: example {i} has {int(attention_mask[row].sum())} tokens in this batch but "
                     f"{n} in the cache: the data changed after the cache was built."
                 )
-            out[row, :n] = self.storage[start:end].to(dtype)
+            out[row, :n] = states.to(dtype)
         return out.to(attention_mask.device)
 
     @contextlib.contextmanager
@@ -320,9 +359,14 @@ class PrefixCache:
             def forward(self_block, *args, _orig=original, _last=is_boundary, **kwargs):
                 if self._batch is None:
                     return _orig(*args, **kwargs)
+                indices, mask = self._batch
+                if not self.ready(indices):  # lazy mode, rows not seen yet: compute, and record at the boundary
+                    output = _orig(*args, **kwargs)
+                    if _last:
+                        self.record(indices, mask, output)
+                    return output
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if _last:
-                    indices, mask = self._batch
                     hidden = self.gather(indices, mask, hidden.dtype)
                 return (hidden,) + (None,) * (self._tuple_len - 1) if self._tuple_len else hidden
 
@@ -340,6 +384,10 @@ class PrefixCache:
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def _head(source: Any, n: int) -> list[dict[str, Any]]:
+    return [source[i] for i in range(min(n, len(source)))]
 
 
 def _rows(source: Any) -> Iterator[dict[str, Any]]:

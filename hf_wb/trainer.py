@@ -335,6 +335,7 @@ class WBTrainer(Trainer):
             batch_size=self.args.per_device_eval_batch_size,
             device=self.args.device,
             progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+            lazy=not self.wb_config.cache_dir,  # in memory: record during the first epoch, no separate build pass
         )
         indexed = [_with_index(src, start) for src, start in zip(sources, starts, strict=True)]
         self.train_dataset = indexed[0]

@@ -31,9 +31,18 @@ class Record(TrainerCallback):
 
 
 def args_for(tmp_path, **kw):
-    values = dict(output_dir=str(tmp_path / "out"), num_train_epochs=4, per_device_train_batch_size=16,
-                  learning_rate=1e-3, save_strategy="no", use_cpu=True, report_to="none", seed=0,
-                  disable_tqdm=True, logging_steps=1)
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=4,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     values.update(kw)
     return TrainingArguments(**values)
 
@@ -41,8 +50,12 @@ def args_for(tmp_path, **kw):
 def test_one_block_per_epoch_top_down_then_embeddings(tmp_path):
     model = tiny_model("bert", 4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = WBTrainer(model=model, args=args_for(tmp_path), train_dataset=make_dataset(32),
-                        wb_config=WBConfig(top_layers=2, unfreeze_every=1, **QUIET))
+    trainer = WBTrainer(
+        model=model,
+        args=args_for(tmp_path),
+        train_dataset=make_dataset(32),
+        wb_config=WBConfig(top_layers=2, unfreeze_every=1, **QUIET),
+    )
     rec = Record(model)
     trainer.add_callback(rec)
     assert trainer.wb_unfreeze_schedule() == [["block_01"], ["block_00"], ["embeddings"]]
@@ -55,18 +68,31 @@ def test_one_block_per_epoch_top_down_then_embeddings(tmp_path):
     assert first[2] == ([0, 1, 2, 3], [0, 1, 2, 3], False)
     assert first[3] == ([0, 1, 2, 3], [0, 1, 2, 3], True)
     # the unfrozen blocks really train: they joined the optimizer
-    for name in ("bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight",
-                 "bert.embeddings.word_embeddings.weight"):
+    for name in (
+        "bert.encoder.layer.0.output.dense.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+        "bert.embeddings.word_embeddings.weight",
+    ):
         assert not torch.equal(dict(model.named_parameters())[name], before[name]), name
     names = [g["name"] for g in trainer.optimizer.param_groups]
-    assert names[-6:] == ["block_01", "block_01/no_decay", "block_00", "block_00/no_decay", "embeddings",
-                          "embeddings/no_decay"]
+    assert names[-6:] == [
+        "block_01",
+        "block_01/no_decay",
+        "block_00",
+        "block_00/no_decay",
+        "embeddings",
+        "embeddings/no_decay",
+    ]
 
 
 def test_unfrozen_group_gets_recipe_rate_under_schedule(tmp_path):
     config = WBConfig(top_layers=2, layer_lr_decay=0.5, unfreeze_every=1, **QUIET)
-    trainer = WBTrainer(model=tiny_model("bert", 4), args=args_for(tmp_path, num_train_epochs=2),
-                        train_dataset=make_dataset(32), wb_config=config)
+    trainer = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=args_for(tmp_path, num_train_epochs=2),
+        train_dataset=make_dataset(32),
+        wb_config=config,
+    )
     trainer.train()
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     # linear decay to 0 over 4 steps; after the last step every group is at 0, but initial rates keep the recipe
@@ -78,9 +104,12 @@ def test_unfrozen_group_gets_recipe_rate_under_schedule(tmp_path):
 
 
 def test_step_interval(tmp_path):
-    trainer = WBTrainer(model=tiny_model("bert", 4), args=args_for(tmp_path, max_steps=5),
-                        train_dataset=make_dataset(32), wb_config=WBConfig(top_layers=3, unfreeze_every_steps=2,
-                                                                           **QUIET))
+    trainer = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=args_for(tmp_path, max_steps=5),
+        train_dataset=make_dataset(32),
+        wb_config=WBConfig(top_layers=3, unfreeze_every_steps=2, **QUIET),
+    )
     trainer.train()
     assert trainer.wb_unfreeze_stage == 2  # after steps 2 and 4: block_00, then embeddings
     assert trainer.wb_unfrozen_units == ["block_00", "embeddings"]
@@ -109,14 +138,18 @@ def test_unfreezing_with_prefix_cache_moves_boundary(tmp_path):
     from test_prefix_cache import Pad, varlen_dataset
 
     trainer = WBTrainer(
-        model=tiny_model("bert", 4), args=args_for(tmp_path, num_train_epochs=3, per_device_train_batch_size=8),
-        train_dataset=varlen_dataset(16), data_collator=Pad(),
-        wb_config=WBConfig(top_layers=2, unfreeze_every=1, cache_frozen_prefix="on", **QUIET),
+        model=tiny_model("bert", 4),
+        args=args_for(tmp_path, num_train_epochs=5, per_device_train_batch_size=8),
+        train_dataset=varlen_dataset(16),
+        data_collator=Pad(),
+        wb_config=WBConfig(top_layers=2, unfreeze_every=2, cache_frozen_prefix="on", **QUIET),
     )
     trainer.train()
-    # epoch 0: boundary at 2 blocks; epoch 1: 1 block (rebuilt); epoch 2: no frozen block -> cache off
+    # epochs 0-1: boundary after 2 blocks (epoch 0 records, epoch 1 is served: 2 steps); epochs 2-3: after 1 block,
+    # a new cache (epoch 3 served: 2 steps); epoch 4: no frozen block left -> the cache is off
     assert trainer.wb_cache_stats["built"] == 2
     assert trainer.wb_cache_stats["served_batches"] == 4
+    assert trainer.wb_unfrozen_units == ["block_01", "block_00"]
 
 
 def test_callback_validates_intervals():
@@ -128,8 +161,16 @@ def test_callback_validates_intervals():
 def test_ddp_unfreezing_keeps_ranks_equal(tmp_path):
     script = REPO / "tests" / "scripts" / "ddp_unfreeze.py"
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
