@@ -28,19 +28,33 @@ def test_block_depths_follow_module_list(arch):
 
 
 EXPECTED_ROLES = {
-    "bert": {"bert.embeddings.word_embeddings.weight": EMBEDDINGS, "bert.pooler.dense.weight": HEAD,
-             "classifier.bias": HEAD},
+    "bert": {
+        "bert.embeddings.word_embeddings.weight": EMBEDDINGS,
+        "bert.pooler.dense.weight": HEAD,
+        "classifier.bias": HEAD,
+    },
     "roberta": {"roberta.embeddings.position_embeddings.weight": EMBEDDINGS, "classifier.out_proj.weight": HEAD},
     "distilbert": {"distilbert.embeddings.LayerNorm.weight": EMBEDDINGS, "pre_classifier.weight": HEAD},
     "deberta-v2": {"deberta.encoder.rel_embeddings.weight": EMBEDDINGS, "classifier.weight": HEAD},
     "electra": {"electra.embeddings_project.weight": EMBEDDINGS, "classifier.dense.weight": HEAD},
-    "gpt2": {"transformer.wte.weight": EMBEDDINGS, "transformer.wpe.weight": EMBEDDINGS,
-             "transformer.ln_f.weight": HEAD, "score.weight": HEAD},
+    "gpt2": {
+        "transformer.wte.weight": EMBEDDINGS,
+        "transformer.wpe.weight": EMBEDDINGS,
+        "transformer.ln_f.weight": HEAD,
+        "score.weight": HEAD,
+    },
     "llama": {"model.embed_tokens.weight": EMBEDDINGS, "model.norm.weight": HEAD, "score.weight": HEAD},
-    "t5": {"shared.weight": EMBEDDINGS, "encoder.final_layer_norm.weight": HEAD,
-           "decoder.final_layer_norm.weight": HEAD},
-    "bart": {"model.shared.weight": EMBEDDINGS, "model.encoder.layernorm_embedding.weight": EMBEDDINGS,
-             "model.decoder.embed_positions.weight": EMBEDDINGS, "classification_head.out_proj.weight": HEAD},
+    "t5": {
+        "shared.weight": EMBEDDINGS,
+        "encoder.final_layer_norm.weight": HEAD,
+        "decoder.final_layer_norm.weight": HEAD,
+    },
+    "bart": {
+        "model.shared.weight": EMBEDDINGS,
+        "model.encoder.layernorm_embedding.weight": EMBEDDINGS,
+        "model.decoder.embed_positions.weight": EMBEDDINGS,
+        "classification_head.out_proj.weight": HEAD,
+    },
 }
 
 
@@ -98,7 +112,11 @@ def test_custom_model_with_module_list():
 
 def test_albert_shared_weights_refused():
     config = transformers.AlbertConfig(
-        vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
         intermediate_size=64,
     )
     model = transformers.AlbertForSequenceClassification(config)

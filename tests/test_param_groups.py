@@ -42,8 +42,14 @@ def _parse(unit, lmap):
 
 def test_layer_decay_and_embeddings_rate_exact():
     model = tiny_model("bert", num_layers=6)
-    config = WBConfig(top_layers=2, top_lr_multiplier=10.0, head_lr_multiplier=2.0, layer_lr_decay=0.5,
-                      freeze_layers=0, freeze_embeddings=False)
+    config = WBConfig(
+        top_layers=2,
+        top_lr_multiplier=10.0,
+        head_lr_multiplier=2.0,
+        layer_lr_decay=0.5,
+        freeze_layers=0,
+        freeze_embeddings=False,
+    )
     lrs = {g["name"]: g["lr"] for g in build_param_groups(model, config, lr=1.0)}
     assert lrs["block_05"] == lrs["block_04"] == 10.0
     assert lrs["block_03"] == 0.5 and lrs["block_02"] == 0.25 and lrs["block_01"] == 0.125

@@ -12,17 +12,38 @@ from conftest import GLUE_DIR, REPO
 def test_throughput_quick(tmp_path, glue_dir):
     out = tmp_path / "throughput.md"
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--output", str(out),
-         "--glue-dir", str(GLUE_DIR)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "throughput.py"),
+            "--quick",
+            "--output",
+            str(out),
+            "--glue-dir",
+            str(GLUE_DIR),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    for row in ("plain Trainer (full)", "WBTrainer baseline", "bottom 3 frozen, naive", "bottom 5 frozen, eval-pinned",
-                "recipe + cache float32", "recipe + cache bfloat16", "plugin overhead", "amortised"):
+    for row in (
+        "plain Trainer (full)",
+        "WBTrainer baseline",
+        "bottom 3 frozen, naive",
+        "bottom 5 frozen, eval-pinned",
+        "recipe + cache float32",
+        "recipe + cache bfloat16",
+        "plugin overhead",
+        "amortised",
+    ):
         assert row in text, row
     raw = json.loads(out.with_suffix(".json").read_text())
-    assert set(raw["epochs"]) == {"plain Trainer (full)", "recipe, eval-pinned, no cache", "recipe + cache float32",
-                                  "recipe + cache bfloat16"}
+    assert set(raw["epochs"]) == {
+        "plain Trainer (full)",
+        "recipe, eval-pinned, no cache",
+        "recipe + cache float32",
+        "recipe + cache bfloat16",
+    }
     assert raw["epochs"]["recipe + cache float32"]["cache_mib"] > 0
     assert all(len(t) == 2 for t in raw["steps"]["times"].values())

@@ -23,8 +23,16 @@ def make_dataset(n=64, seq=12, seed=0):
 
 def make_args(tmp_path, **kw):
     values = dict(
-        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", use_cpu=True, report_to="none", seed=0, lr_scheduler_type="linear",
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        lr_scheduler_type="linear",
         disable_tqdm=True,
     )
     values.update(kw)
@@ -37,8 +45,9 @@ QUIET = dict(histogram_steps=0, diagnostics=False, bias_prior=False)
 def test_frozen_unchanged_trainable_changed(tmp_path):
     model = tiny_model("bert", 4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = WBTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset(),
-                        wb_config=WBConfig(top_layers=2, **QUIET))
+    trainer = WBTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=make_dataset(), wb_config=WBConfig(top_layers=2, **QUIET)
+    )
     trainer.train()
     for n, p in model.named_parameters():
         frozen = n.startswith("bert.embeddings") or n.startswith(("bert.encoder.layer.0.", "bert.encoder.layer.1."))
@@ -51,8 +60,15 @@ def test_frozen_unchanged_trainable_changed(tmp_path):
 
 def test_group_lrs_before_and_after_scheduler_steps(tmp_path):
     args = make_args(tmp_path, warmup_steps=2, max_steps=6)
-    config = WBConfig(top_layers=2, top_lr_multiplier=10.0, head_lr_multiplier=2.0, layer_lr_decay=0.5,
-                      freeze_layers=0, freeze_embeddings=False, **QUIET)
+    config = WBConfig(
+        top_layers=2,
+        top_lr_multiplier=10.0,
+        head_lr_multiplier=2.0,
+        layer_lr_decay=0.5,
+        freeze_layers=0,
+        freeze_embeddings=False,
+        **QUIET,
+    )
     trainer = WBTrainer(model=tiny_model("bert", 4), args=args, train_dataset=make_dataset(), wb_config=config)
     trainer.create_optimizer_and_scheduler(num_training_steps=6)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0] * len(trainer.optimizer.param_groups)
@@ -92,16 +108,18 @@ def test_resume_continues_exactly(tmp_path):
     config = WBConfig(top_layers=2, **QUIET)
     data = make_dataset(96)
     args = make_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4, num_train_epochs=2)
-    full = WBTrainer(model=tiny_model("bert", 4, hidden_dropout_prob=0.3), args=args, train_dataset=data,
-                     wb_config=config)
+    full = WBTrainer(
+        model=tiny_model("bert", 4, hidden_dropout_prob=0.3), args=args, train_dataset=data, wb_config=config
+    )
     full.train()
     ckpt = Path(args.output_dir) / "checkpoint-4"
     assert json.loads((ckpt / "hf_wb_config.json").read_text())["top_layers"] == 2
     state = json.loads((ckpt / STATE_NAME).read_text())
     assert [g["name"] for g in state["groups"]][:2] == ["block_02", "block_02/no_decay"]
 
-    resumed = WBTrainer(model=tiny_model("bert", 4, seed=123, hidden_dropout_prob=0.3), args=args,
-                        train_dataset=data, wb_config=config)
+    resumed = WBTrainer(
+        model=tiny_model("bert", 4, seed=123, hidden_dropout_prob=0.3), args=args, train_dataset=data, wb_config=config
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert _losses(resumed)[-4:] == _losses(full)[-4:]
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
@@ -111,10 +129,15 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_with_changed_recipe_refused(tmp_path):
     data = make_dataset()
     args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
-    WBTrainer(model=tiny_model("bert", 4), args=args, train_dataset=data,
-              wb_config=WBConfig(top_layers=2, **QUIET)).train()
-    other = WBTrainer(model=tiny_model("bert", 4), args=args, train_dataset=data,
-                      wb_config=WBConfig(top_layers=3, top_lr_multiplier=10, **QUIET))
+    WBTrainer(
+        model=tiny_model("bert", 4), args=args, train_dataset=data, wb_config=WBConfig(top_layers=2, **QUIET)
+    ).train()
+    other = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=args,
+        train_dataset=data,
+        wb_config=WBConfig(top_layers=3, top_lr_multiplier=10, **QUIET),
+    )
     with pytest.raises(ValueError, match=r"recipe changed \(`top_layers`: 2 -> 3, `top_lr_multiplier`: 5.0 -> 10"):
         other.train(resume_from_checkpoint=True)
 
@@ -122,11 +145,13 @@ def test_resume_with_changed_recipe_refused(tmp_path):
 def test_resume_with_changed_model_refused(tmp_path):
     data = make_dataset()
     args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
-    WBTrainer(model=tiny_model("bert", 4), args=args, train_dataset=data,
-              wb_config=WBConfig(top_layers=2, **QUIET)).train()
+    WBTrainer(
+        model=tiny_model("bert", 4), args=args, train_dataset=data, wb_config=WBConfig(top_layers=2, **QUIET)
+    ).train()
     # same recipe, deeper model: block_02 is frozen now, block_03/04 train -> other groups
-    other = WBTrainer(model=tiny_model("bert", 5), args=args, train_dataset=data,
-                      wb_config=WBConfig(top_layers=2, **QUIET))
+    other = WBTrainer(
+        model=tiny_model("bert", 5), args=args, train_dataset=data, wb_config=WBConfig(top_layers=2, **QUIET)
+    )
     with pytest.raises(ValueError, match="its optimizer has the parameter groups"):
         other.train(resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-2"))
 
@@ -142,8 +167,12 @@ def test_resume_from_plain_trainer_checkpoint_refused(tmp_path):
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "sgd", "adafactor", "rmsprop"])
 def test_trainer_optim_choices_keep_groups(tmp_path, optim):
-    trainer = WBTrainer(model=tiny_model("bert", 4), args=make_args(tmp_path, optim=optim, max_steps=1),
-                        train_dataset=make_dataset(), wb_config=WBConfig(top_layers=2, **QUIET))
+    trainer = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=make_args(tmp_path, optim=optim, max_steps=1),
+        train_dataset=make_dataset(),
+        wb_config=WBConfig(top_layers=2, **QUIET),
+    )
     trainer.train()
     names = [g["name"] for g in trainer.optimizer.param_groups]
     assert names == ["block_02", "block_02/no_decay", "block_03", "block_03/no_decay", "head", "head/no_decay"]
@@ -152,25 +181,39 @@ def test_trainer_optim_choices_keep_groups(tmp_path, optim):
 def test_lamb(tmp_path):
     from pytorch_optimizer import Lamb
 
-    trainer = WBTrainer(model=tiny_model("bert", 4), args=make_args(tmp_path, max_steps=2),
-                        train_dataset=make_dataset(), wb_config=WBConfig(optimizer="lamb", **QUIET))
+    trainer = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=make_dataset(),
+        wb_config=WBConfig(optimizer="lamb", **QUIET),
+    )
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, Lamb)
     assert trainer.optimizer.param_groups[0]["name"] == "block_01"
 
 
 def test_model_init_gets_recipe(tmp_path):
-    trainer = WBTrainer(model_init=lambda: tiny_model("bert", 4), args=make_args(tmp_path, max_steps=1),
-                        train_dataset=make_dataset(), wb_config=WBConfig(top_layers=1, **QUIET))
+    trainer = WBTrainer(
+        model_init=lambda: tiny_model("bert", 4),
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=make_dataset(),
+        wb_config=WBConfig(top_layers=1, **QUIET),
+    )
     trainer.train()
-    assert not trainer.model.bert.encoder.layer[2].weight.requires_grad if hasattr(
-        trainer.model.bert.encoder.layer[2], "weight") else not any(
-        p.requires_grad for p in trainer.model.bert.encoder.layer[2].parameters())
+    assert (
+        not trainer.model.bert.encoder.layer[2].weight.requires_grad
+        if hasattr(trainer.model.bert.encoder.layer[2], "weight")
+        else not any(p.requires_grad for p in trainer.model.bert.encoder.layer[2].parameters())
+    )
 
 
 def test_save_model_writes_recipe(tmp_path):
-    trainer = WBTrainer(model=tiny_model("bert", 4), args=make_args(tmp_path, max_steps=1),
-                        train_dataset=make_dataset(), wb_config=WBConfig(top_layers=2, **QUIET))
+    trainer = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=make_dataset(),
+        wb_config=WBConfig(top_layers=2, **QUIET),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert WBConfig.from_pretrained(tmp_path / "final").top_layers == 2
@@ -190,8 +233,22 @@ def test_ddp_two_processes(tmp_path, launcher):
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+        ]
     result = subprocess.run([*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())

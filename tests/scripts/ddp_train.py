@@ -19,15 +19,28 @@ config = WBConfig(top_layers=2, histogram_steps=0, diagnostics=False, bias_prior
 
 def args(lr, steps):
     return TrainingArguments(
-        output_dir=str(out / f"run_{lr}"), max_steps=steps, per_device_train_batch_size=4, learning_rate=lr,
-        logging_steps=1, save_strategy="no", use_cpu=True, report_to="none", seed=0, disable_tqdm=True,
-        ddp_backend="gloo", dataloader_drop_last=True,
+        output_dir=str(out / f"run_{lr}"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        dataloader_drop_last=True,
     )
 
 
 # 1) lr = 0: compare the logged loss with the loss the two ranks' batches really have
-probe = WBTrainer(model=tiny_model("bert", 4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                  args=args(0.0, 1), train_dataset=data, wb_config=config)
+probe = WBTrainer(
+    model=tiny_model("bert", 4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    args=args(0.0, 1),
+    train_dataset=data,
+    wb_config=config,
+)
 loader = probe.get_train_dataloader()
 batch = next(iter(loader))
 with torch.no_grad():
@@ -47,14 +60,19 @@ flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 frozen_changed = any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if not p.requires_grad)
-trainable_changed = all(not torch.equal(p, before[n]) for n, p in model.named_parameters()
-                        if p.requires_grad and p.dim() > 1)
+trainable_changed = all(
+    not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1
+)
 if dist.get_rank() == 0:
-    (out / "report.json").write_text(json.dumps({
-        "world_size": dist.get_world_size(),
-        "logged_loss": logged,
-        "expected_loss": float(torch.stack(losses).mean()),
-        "max_param_diff_across_ranks": float((gathered[0] - gathered[1]).abs().max()),
-        "frozen_changed": frozen_changed,
-        "trainable_changed": trainable_changed,
-    }))
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "world_size": dist.get_world_size(),
+                "logged_loss": logged,
+                "expected_loss": float(torch.stack(losses).mean()),
+                "max_param_diff_across_ranks": float((gathered[0] - gathered[1]).abs().max()),
+                "frozen_changed": frozen_changed,
+                "trainable_changed": trainable_changed,
+            }
+        )
+    )

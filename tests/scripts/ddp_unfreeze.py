@@ -16,8 +16,16 @@ out = Path(sys.argv[1])
 model = tiny_model("bert", 4)
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 args = TrainingArguments(
-    output_dir=str(out / "run"), num_train_epochs=3, per_device_train_batch_size=8, learning_rate=1e-3,
-    save_strategy="no", use_cpu=True, report_to="none", seed=0, disable_tqdm=True, ddp_backend="gloo",
+    output_dir=str(out / "run"),
+    num_train_epochs=3,
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    save_strategy="no",
+    use_cpu=True,
+    report_to="none",
+    seed=0,
+    disable_tqdm=True,
+    ddp_backend="gloo",
 )
 config = WBConfig(top_layers=2, unfreeze_every=1, histogram_steps=0, diagnostics=False, bias_prior=False)
 trainer = WBTrainer(model=model, args=args, train_dataset=make_dataset(64), wb_config=config)
@@ -32,8 +40,12 @@ changed = all(
     if n.startswith(("bert.encoder.layer.0.", "bert.encoder.layer.1.")) and named[n].dim() > 1
 )
 if dist.get_rank() == 0:
-    (out / "report.json").write_text(json.dumps({
-        "unfrozen": trainer.wb_unfrozen_units,
-        "unfrozen_changed": changed,
-        "max_param_diff_across_ranks": float((gathered[0] - gathered[1]).abs().max()),
-    }))
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "unfrozen": trainer.wb_unfrozen_units,
+                "unfrozen_changed": changed,
+                "max_param_diff_across_ranks": float((gathered[0] - gathered[1]).abs().max()),
+            }
+        )
+    )
