@@ -86,7 +86,8 @@ def test_quick_sweep_writes_reports_and_resumes(tiny_model, tmp_path, monkeypatc
     for heading in ("## (a) Equal epochs", "## (b) Equal wall-clock budget", "## Appendix: the full LR grid"):
         assert heading in md
     table_rows = [line for line in md.splitlines() if line.startswith("| `")]
-    assert len(table_rows) == 2 + 2  # two recipes in (a) and in (b)
+    assert len(table_rows) == 2 + 2 + 2  # two recipes in (a), the step-time table and (b)
+    assert "Step time" in md
     assert len([line for line in md.splitlines() if line.startswith("| cola | `")]) == 2  # the grid
     assert any(line.startswith("| `headline`") and "Δ" in line for line in table_rows)
     png = out / "glue_compare.png"
