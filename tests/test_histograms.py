@@ -314,6 +314,7 @@ trainer.train()
 with open(os.path.join(out, "rank" + os.environ["RANK"] + ".json"), "w") as f:
     result = {{"world": trainer.args.world_size, "findings": len(diag.findings), "step": trainer.state.global_step}}
     json.dump(result, f)
+torch.distributed.destroy_process_group()  # a gloo group left to interpreter teardown can SIGABRT at exit
 """
 
 

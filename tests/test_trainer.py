@@ -229,7 +229,7 @@ def test_ddp_two_processes(tmp_path, launcher):
     """Real 2-process DDP over gloo on CPU: frozen blocks, no unused-parameter error, the logged loss is not
     doubled, and the ranks end with identical parameters."""
     script = REPO / "tests" / "scripts" / "ddp_train.py"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:

@@ -160,7 +160,7 @@ def test_callback_validates_intervals():
 @pytest.mark.slow
 def test_ddp_unfreezing_keeps_ranks_equal(tmp_path):
     script = REPO / "tests" / "scripts" / "ddp_unfreeze.py"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",

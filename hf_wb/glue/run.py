@@ -578,12 +578,26 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.training)
     logger.info("hf_wb recipe: %s", args.wb_config)
     recipe_name = args.recipe.wb_config or args.recipe.recipe
-    run_glue(
-        args.model,
-        args.data,
-        args.training,
-        wb_config=args.wb_config,
-        trainer_kind=args.recipe.trainer,
-        recipe_name=recipe_name,
-    )
+    try:
+        run_glue(
+            args.model,
+            args.data,
+            args.training,
+            wb_config=args.wb_config,
+            trainer_kind=args.recipe.trainer,
+            recipe_name=recipe_name,
+        )
+    finally:
+        shutdown_distributed()
     return 0
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group the Trainer opened (a no-op in a single process).
+
+    Without this a gloo process group is torn down during interpreter finalisation, while its worker threads may
+    still hold tensors: the process can then die with ``terminate called without an active exception`` (SIGABRT)
+    after a successful run, and the launcher reports the whole job as failed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

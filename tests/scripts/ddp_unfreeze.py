@@ -49,3 +49,5 @@ if dist.get_rank() == 0:
             }
         )
     )
+dist.barrier()
+dist.destroy_process_group()  # a gloo group left to interpreter teardown can SIGABRT at exit
