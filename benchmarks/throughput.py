@@ -309,12 +309,15 @@ def machine() -> str:
 
 
 def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | None, meta: dict[str, Any]) -> None:
-    lines = [
-        "# Throughput: hf_wb against the plain Trainer",
+    lines = ["# Throughput: hf_wb against the plain Trainer", ""]
+    runs = [(m, what) for m, what in ((meta, "step time"), (meta.get("epochs_meta"), "epochs")) if m]
+    for m, what in runs if len(runs) > 1 and runs[0][0]["command"] != runs[1][0]["command"] else runs[:1]:
+        label = f" ({what})" if len(runs) > 1 else ""
+        lines.append(f"Machine{label}: {m['machine']}. Command: `{m['command']}`. Date: {m['date']}.")
+    lines += [
         "",
-        f"Machine: {meta['machine']}. Command: `{meta['command']}`. Date: {meta['date']}.",
-        "All figures in one process, side by side, configurations interleaved; this machine is shared and noisy, so "
-        "read the ratios, not the absolute times.",
+        "Every table's figures come from one process, side by side, configurations interleaved; this machine is "
+        "shared and noisy, so read the ratios, not the absolute times.",
         "",
     ]
     if p1 is not None:
@@ -356,11 +359,12 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
         )
     if p2:
         plain = p2["plain Trainer (full)"]["wall_s"]
+        m2 = meta.get("epochs_meta") or meta
         lines += [
             "",
-            f"## {meta['epochs']} epochs on GLUE MRPC ({meta['train_rows']} train rows, dev {meta['dev_rows']}, "
+            f"## {m2['epochs']} epochs on GLUE MRPC ({m2['train_rows']} train rows, dev {m2['dev_rows']}, "
             "dynamic padding, "
-            f"batch {meta['batch2']})",
+            f"batch {m2['batch2']})",
             "",
             "Recipe: WBConfig() defaults (top 3 of 6 blocks train at 5x, embeddings and blocks 0-2 frozen and "
             "eval-pinned). The in-memory cache records the frozen blocks' output while the first epoch runs (no "
@@ -415,6 +419,20 @@ def main(argv: list[str] | None = None) -> int:
         "batch2": 32 if not args.quick else 8,
     }
     p1 = mon = p2 = None
+    json_path = out.with_suffix(".json")
+    # A run of one part keeps the other part's stored results (and its command) from the previous JSON, so the
+    # report always shows both tables, each labelled with the command that measured it.
+    previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() and len(parts) == 1 else {}
+    epochs_meta: dict[str, Any] | None = meta
+    if "1" not in parts and previous.get("steps"):
+        steps_raw = previous["steps"]
+        p1 = (steps_raw["times"], steps_raw["peak_rss_mib"], steps_raw["optimizer_state_bytes"])
+        mon = previous.get("monitoring")
+        meta = previous["meta"]
+    if "2" not in parts:
+        p2 = previous.get("epochs")
+        epochs_meta = previous.get("epochs_meta", previous.get("meta")) if p2 else None
+    meta = {**meta, "epochs_meta": epochs_meta}
     if "1" in parts:
         print("part 1: step time", flush=True)
         p1 = part1(model_path, args.rounds, args.steps, args.batch, args.length, scratch)
@@ -432,10 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_report(Path(args.output), p1, mon, p2, meta)
-    raw = {"meta": meta, "monitoring": mon, "epochs": p2}
+    raw = {"meta": {k: v for k, v in meta.items() if k != "epochs_meta"}, "epochs_meta": epochs_meta}
+    raw.update(monitoring=mon, epochs=p2)
     if p1 is not None:
         raw["steps"] = {"times": p1[0], "peak_rss_mib": p1[1], "optimizer_state_bytes": p1[2]}
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
+    json_path.write_text(json.dumps(raw, indent=2), encoding="utf-8")
     print(Path(args.output).read_text())
     return 0
 

@@ -11,20 +11,8 @@ from conftest import GLUE_DIR, REPO
 @pytest.mark.slow
 def test_throughput_quick(tmp_path, glue_dir):
     out = tmp_path / "throughput.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "throughput.py"),
-            "--quick",
-            "--output",
-            str(out),
-            "--glue-dir",
-            str(GLUE_DIR),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--output", str(out)]
+    result = subprocess.run([*cmd, "--glue-dir", str(GLUE_DIR)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for row in (
@@ -47,3 +35,14 @@ def test_throughput_quick(tmp_path, glue_dir):
     }
     assert raw["epochs"]["recipe + cache float32"]["cache_mib"] > 0
     assert all(len(t) == 2 for t in raw["steps"]["times"].values())
+
+    # Rerunning one part keeps the other part's table and labels each table with the command that measured it.
+    epochs_before = raw["epochs"]
+    result = subprocess.run([*cmd, "--parts", "1"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "recipe + cache bfloat16" in text and "plugin overhead" in text
+    assert text.count("Command: `") == 2 and "--parts 1" in text
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["epochs"] == epochs_before
+    assert "--parts" not in raw["epochs_meta"]["command"] and "--parts 1" in raw["meta"]["command"]
