@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipes", nargs="+", default=None, choices=sorted(RECIPES), help="Recipes (default: all; baseline first)."
     )
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="Base LR grid (default 2e-5 5e-5).")
+    parser.add_argument(
+        "--baseline-lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="Extra LRs for the baseline only (default 1e-4; none with --quick): plain fine-tuning often wants a "
+        "higher LR than recipes that multiply it for the top blocks; its best LR is taken over both grids.",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Seeds (default 42 43 44).")
     parser.add_argument("--model", default="minilm", help="Model folder or Hub id; 'minilm' = the packaged MiniLM.")
     parser.add_argument(
@@ -214,6 +222,7 @@ class Settings:
     recipes: list[str]
     lrs: list[float]
     seeds: list[int]
+    baseline_lrs: list[float]
     model: str
     glue_dir: str
     train_sizes: dict[str, int | None]
@@ -230,6 +239,10 @@ class Settings:
     out_dir: Path
     name: str
     quick: bool
+
+    def lrs_for(self, recipe: str) -> list[float]:
+        """The equal-epoch LR grid of a recipe: the shared grid, plus ``baseline_lrs`` for the baseline."""
+        return sorted({*self.lrs, *self.baseline_lrs}) if recipe == BASELINE else list(self.lrs)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -257,6 +270,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         recipes=recipes,
         lrs=list(args.lrs or ([5e-5] if quick else [2e-5, 5e-5])),
         seeds=list(args.seeds or ([42] if quick else [42, 43, 44])),
+        baseline_lrs=sorted(
+            set(args.baseline_lrs if args.baseline_lrs is not None else ([] if quick else [1e-4]))
+            - set(args.lrs or ([5e-5] if quick else [2e-5, 5e-5]))
+        ),
         model=args.model,
         glue_dir=args.glue_dir,
         train_sizes=train_sizes,
@@ -452,7 +469,7 @@ def current_records(s: Settings, records: list[dict[str, Any]]) -> list[dict[str
         for phase in PHASES
         for task in s.tasks
         for recipe in s.recipes
-        for lr in s.lrs
+        for lr in s.lrs_for(recipe)
         for seed in s.seeds
     }
     latest: dict[str, dict[str, Any]] = {}
@@ -481,12 +498,15 @@ def best_lr(cells: dict[tuple[str, str, float], list[dict[str, Any]]], task: str
 def budget_steps(s: Settings, epoch_cells: dict, task: str, recipe: str, lr: float) -> int | None:
     """Steps that fill the baseline's train time at ``lr`` at the recipe's measured step time (see module doc).
 
-    Step times are the fastest over all equal-epoch runs of a recipe on the task (every LR and seed: the step time
-    does not depend on them): other work on a shared machine only ever slows a run down, so the minimum is the
-    least disturbed estimate, and it is taken the same way for the baseline and the recipe.
+    Step times are the fastest over all equal-epoch runs of a recipe on the task (every LR of the shared grid and
+    every seed: the step time does not depend on them): other work on a shared machine only ever slows a run down,
+    so the minimum is the least disturbed estimate, and it is taken the same way for the baseline and the recipe.
     """
     base = epoch_cells.get((task, BASELINE, lr), [])
-    base_all = [r for (t, rc, _), runs in epoch_cells.items() if t == task and rc == BASELINE for r in runs]
+    # the shared grid only: the baseline's extra LRs (--baseline-lrs) must not move the budget of the other runs
+    base_all = [
+        r for (t, rc, x), runs in epoch_cells.items() if t == task and rc == BASELINE and x in s.lrs for r in runs
+    ]
     own = [r for (t, rc, _), runs in epoch_cells.items() if t == task and rc == recipe for r in runs]
     if len(base) < len(s.seeds) or not own:
         return None
@@ -631,7 +651,7 @@ def phase_table(s: Settings, rows: dict[str, dict[str, Any]], budget: bool) -> l
 def step_time_table(s: Settings, records: list[dict[str, Any]]) -> list[str]:
     fastest: dict[tuple[str, str], float] = {}
     for r in records:
-        if r["phase"] == "equal_epochs":
+        if r["phase"] == "equal_epochs" and r["lr"] in s.lrs:  # the shared grid, as budget_steps() uses
             key = (r["task"], r["recipe"])
             fastest[key] = min(fastest.get(key, math.inf), r["step_time"])
     lines = ["| recipe | " + " | ".join(s.tasks) + " |", "|" + "---|" * (len(s.tasks) + 1)]
@@ -663,8 +683,8 @@ def write_report(s: Settings, records: list[dict[str, Any]], planned: int, faile
     missing = [
         f"{task} `{recipe}` lr {lr:g} ({counts[(task, recipe, lr)]} of {len(s.seeds)} seeds)"
         for task in s.tasks
-        for lr in s.lrs
         for recipe in s.recipes
+        for lr in s.lrs_for(recipe)
         if counts[(task, recipe, lr)] < len(s.seeds)
     ]
     lines = [
@@ -683,7 +703,9 @@ def write_report(s: Settings, records: list[dict[str, Any]], planned: int, faile
         f"Model `{s.model}`; tasks {', '.join(s.tasks)}; training rows (the first N of train.tsv): {sizes}; dev "
         f"rows: {s.max_eval_samples or 'all'}; {steps_rule} at batch {s.batch_size}, max length "
         f"{s.max_seq_length}, AdamW, linear decay with 6% warmup, weight decay 0.01; base LR grid "
-        f"{', '.join(f'{lr:g}' for lr in s.lrs)}; seeds {', '.join(map(str, s.seeds))}. Every run is a fresh "
+        f"{', '.join(f'{lr:g}' for lr in s.lrs)}"
+        + (f" (the baseline also at {', '.join(f'{lr:g}' for lr in s.baseline_lrs)})" if s.baseline_lrs else "")
+        + f"; seeds {', '.join(map(str, s.seeds))}. Every run is a fresh "
         f"process with {', '.join(map(str, sorted(threads))) or s.threads} thread(s) on {'; '.join(hosts) or '-'}; "
         "monitoring off in every run (`histogram_steps 0`, `diagnostics false`).",
         "",
@@ -704,8 +726,8 @@ def write_report(s: Settings, records: list[dict[str, Any]], planned: int, faile
         "",
         *phase_table(s, summary["phases"]["equal_epochs"], budget=False),
         "",
-        "Step time (s per optimizer step, the fastest of all (a) runs of the recipe on the task; other work on the "
-        "shared machine only slows runs down) and its ratio to the baseline's:",
+        "Step time (s per optimizer step, the fastest of the recipe's (a) runs on the task at the shared LR grid; "
+        "other work on the shared machine only slows runs down) and its ratio to the baseline's:",
         "",
         *step_time_table(s, records),
         "",
@@ -796,7 +818,7 @@ def write_plot(s: Settings, summary: dict[str, Any], path: Path) -> None:
 # ----- driver -------------------------------------------------------------------------------------------------------
 def plan_count(s: Settings, records: list[dict[str, Any]] | None = None) -> int:
     """Runs the sweep makes: every equal-epoch run, plus the equal-budget runs that the stored results call for."""
-    epochs = len(s.tasks) * len(s.recipes) * len(s.lrs) * len(s.seeds)
+    epochs = len(s.tasks) * sum(len(s.lrs_for(recipe)) for recipe in s.recipes) * len(s.seeds)
     if s.budget == "none":
         return epochs
     cells = grid(records or [], "equal_epochs")
@@ -841,9 +863,10 @@ def sweep(s: Settings, work_dir: Path, keep: bool, command: str) -> tuple[int, i
 
     for task in s.tasks:
         for seed in s.seeds:
-            for lr in s.lrs:
+            for lr in sorted({*s.lrs, *s.baseline_lrs}):
                 for recipe in s.recipes:
-                    one("equal_epochs", task, recipe, lr, seed, s.max_steps)
+                    if lr in s.lrs_for(recipe):
+                        one("equal_epochs", task, recipe, lr, seed, s.max_steps)
         if s.budget == "none":
             continue
         cells = grid(stored(), "equal_epochs")

@@ -111,3 +111,28 @@ def test_train_sizes_and_scores():
     assert gc.task_score("mrpc", {"eval_f1": 0.9, "eval_accuracy": 0.8}) == pytest.approx(85.0)
     with pytest.raises(KeyError, match="matthews"):
         gc.task_score("cola", {"eval_accuracy": 0.5})
+
+
+def test_baseline_extra_lrs_widen_its_grid_but_not_the_budget():
+    gc = _load_script()
+    parse = gc.build_parser().parse_args
+    s = gc.settings_from_args(parse(["--glue-dir", str(GLUE_DIR)]))
+    assert (
+        s.baseline_lrs == [1e-4] and s.lrs_for("baseline") == [2e-5, 5e-5, 1e-4] and s.lrs_for("lwd") == [2e-5, 5e-5]
+    )
+    assert gc.settings_from_args(parse(["--quick"])).baseline_lrs == []
+    assert gc.settings_from_args(parse(["--baseline-lrs", "5e-5", "3e-4"])).baseline_lrs == [3e-4]  # grid LRs dropped
+    assert gc.plan_count(gc.settings_from_args(parse(["--budget", "none"]))) == 3 * (3 + 2 + 2 + 2) * 3
+
+    def run(recipe, lr, seed, score, step_time):
+        return {"phase": "equal_epochs", "task": "cola", "recipe": recipe, "lr": lr, "seed": seed, "score": score,
+                "steps": 100, "step_time": step_time}  # fmt: skip
+
+    records = [run("baseline", lr, seed, 0.0, 1.0) for lr in (2e-5, 5e-5) for seed in s.seeds]
+    records += [run("baseline", 1e-4, seed, 9.0, 0.5) for seed in s.seeds]  # best LR, and a faster (quieter) run
+    records += [run("headline", lr, seed, 5.0, 0.5) for lr in (2e-5, 5e-5) for seed in s.seeds]
+    cells = gc.grid(records, "equal_epochs")
+    assert gc.best_lr(cells, "cola", "baseline") == 1e-4
+    # the budget uses the baseline's step time on the shared grid only: 100 steps x 1.0 s / 0.5 s
+    assert gc.budget_steps(s, cells, "cola", "headline", 2e-5) == 200
+    assert "| `baseline` | 1.00 (1.00) |" in "\n".join(gc.step_time_table(s, records))
