@@ -5,12 +5,19 @@ Part 1, step time (packaged MiniLM, batch 32, length 128, synthetic token ids, A
   frozen, naive (requires_grad=False only) vs eval-pinned (hf_wb) | monitoring callbacks at their defaults.
   Reports the median step time, ratios to the plain Trainer, peak RSS growth, optimizer-state bytes.
 
+Plugin overhead where the compute does not hide it: the first two configurations of part 1 (plain Trainer vs
+  WBTrainer + WBConfig.baseline()) on a model with MiniLM's architecture and parameter layout (6 blocks, the same
+  tensors, so the same optimizer groups) but hidden size 32, where a whole loop iteration takes milliseconds. Many
+  short interleaved rounds; the extra milliseconds per iteration, divided by part 1's MiniLM step, is the plugin's
+  overhead on the real model (part 1's own ratio cannot resolve 1% on a shared machine).
+
 Part 2, three epochs on real data (GLUE MRPC from GLUE_DIR, dynamic padding): plain Trainer vs the recipe
   (3 of 6 blocks frozen, eval-pinned) without the prefix cache, with a float32 cache and with a bfloat16 cache; cache
   build time shown separately, cache memory, and the dev scores.
 
     python benchmarks/throughput.py                 # both parts, writes results/throughput.md (+ .json)
     python benchmarks/throughput.py --quick         # a smoke run in about a minute
+    python benchmarks/throughput.py --parts overhead   # the overhead measurement alone (part 1 runs it too)
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -71,6 +79,20 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(clock() - self._start)
+
+
+class LoopTimer(TrainerCallback):
+    """Time between consecutive step ends: the whole loop iteration (data, forward, backward, optimizer, callbacks)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(clock())
+
+    @property
+    def times(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends[:-1], self.ends[1:], strict=True)]
 
 
 class PeakRSS:
@@ -148,8 +170,18 @@ def synthetic_dataset(n: int, length: int, vocab: int = 30522, seed: int = 0) ->
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 1] % 2).tolist()})
 
 
-def run_steps(name: str, spec: dict[str, Any], model_path: str, data: Dataset, steps: int, batch: int, out: Path):
-    model = load_model(model_path)
+def run_steps(
+    name: str,
+    spec: dict[str, Any],
+    model_path: str,
+    data: Dataset,
+    steps: int,
+    batch: int,
+    out: Path,
+    model: torch.nn.Module | None = None,
+    timer: TrainerCallback | None = None,
+):
+    model = model if model is not None else load_model(model_path)
     args = TrainingArguments(
         output_dir=str(out / "steps"),
         max_steps=steps,
@@ -163,7 +195,7 @@ def run_steps(name: str, spec: dict[str, Any], model_path: str, data: Dataset, s
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    timer = StepTimer()
+    timer = timer if timer is not None else StepTimer()
     if spec.get("trainer") == "plain":
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     else:
@@ -223,6 +255,43 @@ def monitoring_amortised(model_path: str, steps: int, batch: int, length: int, o
         trainer.train()
         results[label] = statistics.median(timer.times[2:])
     return results
+
+
+def small_minilm(model_path: str, seed: int = 0) -> torch.nn.Module:
+    """MiniLM's architecture and parameter layout (same blocks, same tensors) at hidden size 32, random weights."""
+    config = AutoConfig.from_pretrained(model_path, num_labels=2)
+    config.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=2))
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def plugin_overhead(model_path: str, out: Path, rounds: int = 8, steps: int = 60, batch: int = 8, length: int = 32):
+    """Plain Trainer vs WBTrainer + WBConfig.baseline() on :func:`small_minilm`: median loop iteration (s) of each
+    over interleaved rounds, and the per-round paired differences."""
+    names = ("plain Trainer (full)", "WBTrainer baseline")
+    data = synthetic_dataset(batch * (steps + 3), length)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    paired: list[float] = []
+    for r in range(rounds):
+        medians = {}
+        for name in names if r % 2 == 0 else tuple(reversed(names)):
+            timer = LoopTimer()
+            run_steps(
+                name, STEP_CONFIGS[name], model_path, data, steps + 3, batch, out, small_minilm(model_path), timer
+            )
+            medians[name] = statistics.median(timer.times[2:])
+            times[name] += timer.times[2:]
+        paired.append(medians[names[1]] - medians[names[0]])
+        print(f"  overhead round {r + 1}/{rounds}: {1e3 * paired[-1]:+.3f} ms per iteration", flush=True)
+    return {
+        "plain_s": statistics.median(times[names[0]]),
+        "wb_s": statistics.median(times[names[1]]),
+        "paired_diff_s": paired,
+        "rounds": rounds,
+        "steps": steps,
+        "batch": batch,
+        "length": length,
+    }
 
 
 # ----- part 2: three epochs, prefix cache ------------------------------------------------------------------------
@@ -308,11 +377,25 @@ def machine() -> str:
     )
 
 
-def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | None, meta: dict[str, Any]) -> None:
+def write_report(
+    path: Path,
+    p1: Any,
+    mon: dict[str, float] | None,
+    p2: dict | None,
+    overhead: dict[str, Any] | None,
+    metas: dict[str, dict[str, Any] | None],
+) -> None:
     lines = ["# Throughput: hf_wb against the plain Trainer", ""]
-    runs = [(m, what) for m, what in ((meta, "step time"), (meta.get("epochs_meta"), "epochs")) if m]
-    for m, what in runs if len(runs) > 1 and runs[0][0]["command"] != runs[1][0]["command"] else runs[:1]:
-        label = f" ({what})" if len(runs) > 1 else ""
+    commands: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for what, m in (
+        ("step time", metas["steps"]),
+        ("plugin overhead", metas["overhead"]),
+        ("epochs", metas["epochs"]),
+    ):
+        if m:
+            commands.setdefault(m["command"], (m, []))[1].append(what)
+    for m, whats in commands.values():
+        label = f" ({', '.join(whats)})" if len(commands) > 1 else ""
         lines.append(f"Machine{label}: {m['machine']}. Command: `{m['command']}`. Date: {m['date']}.")
     lines += [
         "",
@@ -320,6 +403,7 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
         "shared and noisy, so read the ratios, not the absolute times.",
         "",
     ]
+    meta = metas["steps"] or {}
     if p1 is not None:
         times, mem, state = p1
         plain = statistics.median(times["plain Trainer (full)"])
@@ -351,6 +435,20 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
             f"- monitoring at defaults over these steps (no histogram step among them): "
             f"{100 * (monitored / base - 1):+.1f}%"
         )
+    if overhead:
+        extra = overhead["wb_s"] - overhead["plain_s"]
+        paired = overhead["paired_diff_s"]
+        line = (
+            "- plugin overhead where the compute does not hide it (MiniLM's 6 blocks and parameter layout at hidden "
+            f"size 32, batch {overhead['batch']}, length {overhead['length']}, {overhead['rounds']} interleaved "
+            f"rounds x {overhead['steps']} loop iterations): {1e3 * overhead['plain_s']:.2f} ms per iteration with "
+            f"the plain Trainer, {1e3 * overhead['wb_s']:.2f} ms with WBTrainer: {1e3 * extra:+.2f} ms (per-round "
+            f"paired differences {1e3 * min(paired):+.2f} to {1e3 * max(paired):+.2f} ms)"
+        )
+        if p1 is not None:
+            minilm = statistics.median(p1[0]["plain Trainer (full)"])
+            line += f", i.e. {100 * extra / minilm:+.3f}% of the MiniLM step above ({minilm:.3f} s)"
+        lines.append(line)
     if mon:
         fire, quiet = mon["fires every step"], mon["never fires"]
         lines.append(
@@ -359,7 +457,7 @@ def write_report(path: Path, p1: Any, mon: dict[str, float] | None, p2: dict | N
         )
     if p2:
         plain = p2["plain Trainer (full)"]["wall_s"]
-        m2 = meta.get("epochs_meta") or meta
+        m2 = metas["epochs"] or meta
         lines += [
             "",
             f"## {m2['epochs']} epochs on GLUE MRPC ({m2['train_rows']} train rows, dev {m2['dev_rows']}, "
@@ -392,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-rows", type=int, default=1000, help="MRPC train rows for part 2")
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", str(REPO.parent / "shared/data/glue")))
-    parser.add_argument("--parts", default="1,2", help="which parts to run: 1, 2 or 1,2")
+    parser.add_argument(
+        "--parts", default="1,2", help="which parts to run: 1 (includes overhead), 2, overhead; comma-separated"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument("--output", default=str(REPO / "results" / "throughput.md"))
     parser.add_argument("--threads", type=int, default=1, help="CPU compute threads (CPU time is measured)")
@@ -404,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model_path(args.model)
     out = Path(args.output).with_suffix("")
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"hf_wb_throughput_{os.getpid()}"
-    parts = {p.strip() for p in args.parts.split(",")}
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     meta = {
         "machine": machine(),
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -418,25 +518,36 @@ def main(argv: list[str] | None = None) -> int:
         "dev_rows": 32 if args.quick else 408,
         "batch2": 32 if not args.quick else 8,
     }
-    p1 = mon = p2 = None
+    unknown = parts - {"1", "2", "overhead"}
+    if unknown:
+        parser.error(f"--parts takes 1, 2 and overhead, got {sorted(unknown)}")
+    if "1" in parts:
+        parts.add("overhead")  # part 1 includes the overhead measurement
+    p1 = mon = p2 = overhead = None
     json_path = out.with_suffix(".json")
-    # A run of one part keeps the other part's stored results (and its command) from the previous JSON, so the
-    # report always shows both tables, each labelled with the command that measured it.
-    previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() and len(parts) == 1 else {}
-    epochs_meta: dict[str, Any] | None = meta
-    if "1" not in parts and previous.get("steps"):
-        steps_raw = previous["steps"]
-        p1 = (steps_raw["times"], steps_raw["peak_rss_mib"], steps_raw["optimizer_state_bytes"])
-        mon = previous.get("monitoring")
-        meta = previous["meta"]
+    # A run of some parts keeps the other parts' stored results (and the commands that measured them) from the
+    # previous JSON, so the report always shows every table, each labelled with its command.
+    previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+    metas: dict[str, dict[str, Any] | None] = {"steps": meta, "overhead": meta, "epochs": meta}
+    if "1" not in parts:
+        if previous.get("steps"):
+            steps_raw = previous["steps"]
+            p1 = (steps_raw["times"], steps_raw["peak_rss_mib"], steps_raw["optimizer_state_bytes"])
+            mon = previous.get("monitoring")
+        metas["steps"] = previous.get("meta") if p1 else None
+    if "overhead" not in parts:
+        overhead = previous.get("overhead")
+        metas["overhead"] = previous.get("overhead_meta", previous.get("meta")) if overhead else None
     if "2" not in parts:
         p2 = previous.get("epochs")
-        epochs_meta = previous.get("epochs_meta", previous.get("meta")) if p2 else None
-    meta = {**meta, "epochs_meta": epochs_meta}
+        metas["epochs"] = previous.get("epochs_meta", previous.get("meta")) if p2 else None
     if "1" in parts:
         print("part 1: step time", flush=True)
         p1 = part1(model_path, args.rounds, args.steps, args.batch, args.length, scratch)
         mon = monitoring_amortised(model_path, args.steps, args.batch, args.length, scratch)
+    if "overhead" in parts:
+        print("plugin overhead on MiniLM's layout at hidden size 32", flush=True)
+        overhead = plugin_overhead(model_path, scratch, **(dict(rounds=2, steps=5) if args.quick else {}))
     if "2" in parts:
         print("part 2: epochs and the prefix cache", flush=True)
         p2 = part2(
@@ -449,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
             dev_rows=32 if args.quick else None,
         )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    write_report(Path(args.output), p1, mon, p2, meta)
-    raw = {"meta": {k: v for k, v in meta.items() if k != "epochs_meta"}, "epochs_meta": epochs_meta}
-    raw.update(monitoring=mon, epochs=p2)
+    write_report(Path(args.output), p1, mon, p2, overhead, metas)
+    raw = {"meta": metas["steps"], "overhead_meta": metas["overhead"], "epochs_meta": metas["epochs"]}
+    raw.update(monitoring=mon, overhead=overhead, epochs=p2)
     if p1 is not None:
         raw["steps"] = {"times": p1[0], "peak_rss_mib": p1[1], "optimizer_state_bytes": p1[2]}
     json_path.write_text(json.dumps(raw, indent=2), encoding="utf-8")
