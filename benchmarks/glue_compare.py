@@ -32,7 +32,7 @@ already stored (resume after an interruption). The report (``<name>.md``) and pl
 from the JSONL after every run, so a partial sweep always has a partial (marked) report.
 
 Run (the committed results: 900 CoLA / 700 MRPC / 900 SST-2 train rows, batch 32, 3 epochs, 3 seeds, LRs 2e-5 and
-5e-5, 4 recipes, both phases: 72 + 21 runs, 1 h 46 min on 2 CPU cores)::
+5e-5 for every recipe and 1e-4 for the baseline, 4 recipes, both phases: 102 runs, about 2 h on 2 CPU cores)::
 
     python benchmarks/glue_compare.py --glue-dir ../shared/data/glue
 
@@ -108,7 +108,7 @@ RECIPES: dict[str, Recipe] = {
 }
 BASELINE = "baseline"
 DEFAULT_TASKS = ("cola", "mrpc", "sst2")
-DEFAULT_TRAIN_SIZES = {"cola": 900, "mrpc": 700, "sst2": 900}  # sized for ~1h45 on 2 CPU cores (see docstring)
+DEFAULT_TRAIN_SIZES = {"cola": 900, "mrpc": 700, "sst2": 900}  # sized for about 2 h on 2 CPU cores (docstring)
 PHASES = ("equal_epochs", "equal_budget")
 REUSE_TOLERANCE = 0.1  # equal budget within 10% of the equal-epoch steps: reuse the equal-epoch runs
 

@@ -241,7 +241,7 @@ def test_run_glue_end_to_end_on_mrpc(tiny_model_dir, glue_dir, tmp_path):
     assert results["task"] == "mrpc"
     assert results["trainer"] == "WBTrainer"
     assert results["recipe_name"] == "hf_wb"
-    expected_recipe = WBConfig(top_layers=1, histogram_steps=0)
+    expected_recipe = WBConfig(top_layers=1, top_lr_multiplier=10.0, histogram_steps=0)  # mrpc.yaml + flags
     assert results["recipe"] == expected_recipe.to_dict()
     assert results["world_size"] == 1
     assert results["device"] == "cpu" and results["mixed_precision"] == "no"
