@@ -77,6 +77,23 @@ def tiny_model(arch: str = "bert", num_layers: int = 4, seed: int = 0, **overrid
     return getattr(transformers, TINY[arch][1])(config)
 
 
+def cpu_args(output_dir, **overrides) -> transformers.TrainingArguments:
+    """TrainingArguments for a quiet, reproducible CPU test run: no checkpoints, no reporting, no progress bars,
+    seed 0, lr 1e-3, a log entry every step. Keyword arguments override or add fields."""
+    values = dict(
+        output_dir=str(output_dir),
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return transformers.TrainingArguments(**values)
+
+
 def stack_sizes(arch: str, num_layers: int = 4) -> list[int]:
     return [num_layers, num_layers - 1] if arch in ENCODER_DECODER else [num_layers]
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import cpu_args, tiny_model
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, TrainingArguments
 
@@ -46,18 +46,11 @@ def varlen_dataset(n=48, seed=0):
 
 def train(tmp_path, arch, cache, epochs=3, dtype="float32", eval_ds=None, **config):
     model = tiny_model(arch, 4, hidden_dropout_prob=0.2) if arch == "bert" else tiny_model(arch, 4)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"out_{cache}_{dtype}"),
+    args = cpu_args(
+        tmp_path / f"out_{cache}_{dtype}",
         num_train_epochs=epochs,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=8,
-        learning_rate=1e-3,
-        save_strategy="no",
-        use_cpu=True,
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
         eval_strategy="epoch" if eval_ds is not None else "no",
     )
     wb = WBConfig(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from conftest import REPO, cpu_args, tiny_model
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_wb import WBConfig, WBTrainer
 from hf_wb.trainer import STATE_NAME
@@ -22,21 +22,8 @@ def make_dataset(n=64, seq=12, seed=0):
 
 
 def make_args(tmp_path, **kw):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=6,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        report_to="none",
-        seed=0,
-        lr_scheduler_type="linear",
-        disable_tqdm=True,
-    )
-    values.update(kw)
-    return TrainingArguments(**values)
+    defaults = {"max_steps": 6, "per_device_train_batch_size": 8, "lr_scheduler_type": "linear"}
+    return cpu_args(tmp_path / "out", **{**defaults, **kw})
 
 
 QUIET = dict(histogram_steps=0, diagnostics=False, bias_prior=False)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from conftest import REPO, cpu_args, tiny_model
 from test_trainer import make_dataset
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from hf_wb import WBConfig, WBTrainer
 from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback
@@ -31,20 +31,7 @@ class Record(TrainerCallback):
 
 
 def args_for(tmp_path, **kw):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        num_train_epochs=4,
-        per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        save_strategy="no",
-        use_cpu=True,
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
-    )
-    values.update(kw)
-    return TrainingArguments(**values)
+    return cpu_args(tmp_path / "out", **{"num_train_epochs": 4, "per_device_train_batch_size": 16, **kw})
 
 
 def test_one_block_per_epoch_top_down_then_embeddings(tmp_path):

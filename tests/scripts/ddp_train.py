@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_model
+from conftest import cpu_args, tiny_model
 from test_trainer import make_dataset
-from transformers import TrainingArguments
 
 from hf_wb import WBConfig, WBTrainer
 
@@ -18,17 +17,11 @@ config = WBConfig(top_layers=2, histogram_steps=0, diagnostics=False, bias_prior
 
 
 def args(lr, steps):
-    return TrainingArguments(
-        output_dir=str(out / f"run_{lr}"),
+    return cpu_args(
+        out / f"run_{lr}",
         max_steps=steps,
         per_device_train_batch_size=4,
         learning_rate=lr,
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
         ddp_backend="gloo",
         dataloader_drop_last=True,
     )

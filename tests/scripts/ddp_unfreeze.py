@@ -6,27 +6,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_model
+from conftest import cpu_args, tiny_model
 from test_trainer import make_dataset
-from transformers import TrainingArguments
 
 from hf_wb import WBConfig, WBTrainer
 
 out = Path(sys.argv[1])
 model = tiny_model("bert", 4)
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
-args = TrainingArguments(
-    output_dir=str(out / "run"),
-    num_train_epochs=3,
-    per_device_train_batch_size=8,
-    learning_rate=1e-3,
-    save_strategy="no",
-    use_cpu=True,
-    report_to="none",
-    seed=0,
-    disable_tqdm=True,
-    ddp_backend="gloo",
-)
+args = cpu_args(out / "run", num_train_epochs=3, per_device_train_batch_size=8, logging_steps=500, ddp_backend="gloo")
 config = WBConfig(top_layers=2, unfreeze_every=1, histogram_steps=0, diagnostics=False, bias_prior=False)
 trainer = WBTrainer(model=model, args=args, train_dataset=make_dataset(64), wb_config=config)
 trainer.train()
