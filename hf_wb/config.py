@@ -18,7 +18,7 @@ CONFIG_NAME = "hf_wb_config.json"
 HEAD_INITS = ("keep", "xavier_uniform", "xavier_normal", "kaiming_normal", "kaiming_uniform", "normal")
 CACHE_MODES = ("off", "on", "auto")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("lamb",)
+OPTIMIZERS = ("lamb", "kfac")
 
 # Fields that decide the optimizer's param groups and which tensors train: a resumed run must match them.
 RECIPE_FIELDS = (
@@ -50,7 +50,8 @@ class WBConfig(PushToHubMixin):
         freeze_embeddings: freeze the embeddings; None = frozen whenever any block is frozen.
         layers_pattern: regex for the name of the nn.ModuleList holding the blocks; None = discovered automatically.
     Optimizer:
-        optimizer: None = the Trainer's `--optim`; "lamb" = LAMB (pytorch-optimizer) for large batches.
+        optimizer: None = the Trainer's `--optim`; "lamb" = LAMB (pytorch-optimizer) for large batches; "kfac" =
+            K-FAC-preconditioned SGD with momentum (hf_wb.KFAC; its settings go in TrainingArguments.optim_args).
     Heads:
         bias_prior: set the output bias to the training-label prior before training.
         head_init: init of the output layer's weight (keep | xavier_uniform | xavier_normal | kaiming_normal |
@@ -98,7 +99,11 @@ class WBConfig(PushToHubMixin):
         metadata={"help": "Regex for the name of the nn.ModuleList holding the blocks; None = automatic discovery."},
     )
     optimizer: str | None = field(
-        default=None, metadata={"help": "None = the Trainer's `--optim`; 'lamb' = LAMB for large batches."}
+        default=None,
+        metadata={
+            "help": "None = the Trainer's `--optim`; 'lamb' = LAMB for large batches; 'kfac' = K-FAC-preconditioned "
+            "SGD (settings in TrainingArguments.optim_args, e.g. 'damping=1e-3,inverse_update_steps=10')."
+        },
     )
     bias_prior: bool = field(
         default=True, metadata={"help": "Set the output bias to the training-label prior before training."}

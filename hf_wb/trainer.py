@@ -201,6 +201,8 @@ class WBTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         elif self.wb_config.optimizer == "lamb":
             optimizer_cls, optimizer_kwargs = _lamb(self.args)
+        elif self.wb_config.optimizer == "kfac":
+            optimizer_cls, optimizer_kwargs = _kfac(self.args)
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         optimizer_kwargs = dict(optimizer_kwargs)
@@ -221,6 +223,8 @@ class WBTrainer(Trainer):
         if self.wb_unfrozen_units:  # a resumed run: groups unfrozen during training come last, in unfreeze order
             order = {u: i for i, u in enumerate(self.wb_unfrozen_units)}
             groups.sort(key=lambda g: order.get(g["name"].removesuffix(NO_DECAY_SUFFIX), -1))
+        if self.wb_config.optimizer == "kfac":
+            optimizer_kwargs["model"] = unwrapped  # K-FAC hooks the trainable Linear layers for its statistics
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits", None) == 8:
             import bitsandbytes
@@ -473,6 +477,29 @@ def _lamb(args: Any) -> tuple[type, dict[str, Any]]:
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise ImportError("WBConfig(optimizer='lamb') needs pytorch-optimizer: pip install pytorch-optimizer") from exc
     return Lamb, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
+def _kfac(args: Any) -> tuple[type, dict[str, Any]]:
+    """K-FAC and its settings from ``--optim_args`` ("damping=0.03,inverse_update_steps=10"); the model is added
+    when the optimizer is built (a ``model`` key here would read as an optimizer that makes its own groups)."""
+    from hf_wb.kfac import KFAC, KFAC_DEFAULTS
+
+    kwargs: dict[str, Any] = {"lr": args.learning_rate}
+    for item in filter(None, (args.optim_args or "").replace(" ", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in KFAC_DEFAULTS:
+            raise ValueError(
+                f"`optim_args` entry {item!r} is not a K-FAC setting; known: {', '.join(sorted(KFAC_DEFAULTS))} "
+                "(e.g. --optim_args 'damping=1e-3,inverse_update_steps=10')."
+            )
+        try:
+            kwargs[key] = float(value)
+        except ValueError as exc:
+            raise ValueError(f"`optim_args` entry {item!r}: {key} must be a number, got {value!r}.") from exc
+    for key in ("factor_update_steps", "inverse_update_steps"):
+        if key in kwargs and float(kwargs[key]).is_integer():
+            kwargs[key] = int(kwargs[key])
+    return KFAC, kwargs
 
 
 def _is_factory(optimizer_cls: Any) -> bool:
