@@ -15,6 +15,7 @@ from hf_wb.heads import (  # noqa: E402
     reinit_top_layers,
     set_head_dropout,
 )
+from hf_wb.kfac import KFAC  # noqa: E402
 from hf_wb.layers import LayerMap, ParamInfo, StackInfo, layer_map  # noqa: E402
 from hf_wb.param_groups import build_param_groups, lr_multipliers  # noqa: E402
 from hf_wb.prefix_cache import PrefixCache  # noqa: E402
@@ -48,4 +49,5 @@ __all__ = [
     "DiagnosticsConfig",
     "GradualUnfreezingCallback",
     "PrefixCache",
+    "KFAC",
 ]
