@@ -31,6 +31,7 @@ from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
 from hf_wb.layers import BLOCK, EMBEDDINGS, LayerMap, layer_map, unit_name, unwrap_model
 from hf_wb.param_groups import NO_DECAY_SUFFIX, build_param_groups, decay_parameter_names
 from hf_wb.prefix_cache import INDEX_COLUMN, CacheUnsupported, PrefixCache, cache_boundary
+from hf_wb.tickets import check_checkpoint_masks
 
 __all__ = ["WBTrainer", "STATE_NAME"]
 
@@ -287,6 +288,7 @@ class WBTrainer(Trainer):
             self._wb_model_ready = self.model
         if resume_from_checkpoint:
             self._check_resume_recipe(str(resume_from_checkpoint))
+            check_checkpoint_masks(self.model, str(resume_from_checkpoint))
             state_file = os.path.join(str(resume_from_checkpoint), STATE_NAME)
             if os.path.isfile(state_file):
                 with open(state_file, encoding="utf-8") as f:
