@@ -188,3 +188,22 @@ def test_masks_from_another_model_are_refused():
     smaller = tiny_model("bert", 4, hidden_size=48, num_attention_heads=2, intermediate_size=64)
     with pytest.raises(ValueError, match="the ticket was found on another model"):
         apply_masks(smaller, masks)
+
+
+def test_rounds_reuse_the_on_disk_prefix_cache(tmp_path):
+    config = WBConfig(top_layers=2, cache_frozen_prefix="on", cache_dir=str(tmp_path / "cache"), **QUIET)
+    calls = []
+
+    def make_trainer(model):
+        model.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda *a: calls[-1].append(1))
+        calls.append([])
+        return WBTrainer(
+            model=model,
+            args=cpu_args(tmp_path / f"r{len(calls)}", max_steps=4, per_device_train_batch_size=8),
+            train_dataset=make_dataset(32).map(lambda row: {"attention_mask": [1] * len(row["input_ids"])}),
+            wb_config=config,
+        )
+
+    find_ticket(_model, make_trainer, rounds=2, rate=0.5, output_dir=tmp_path / "t")
+    assert len(calls[0]) > 0  # round 0 builds the cache of the frozen blocks' output
+    assert calls[1] == [] and calls[2] == []  # the pruned rounds never run the frozen blocks
