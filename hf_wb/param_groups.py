@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Trainer
 
 from hf_wb.config import WBConfig
+from hf_wb.engines import canonical_name, canonical_named_parameters
 from hf_wb.layers import BLOCK, EMBEDDINGS, HEAD, LayerMap, layer_map, unit_name, unwrap_model
 
 __all__ = ["build_param_groups", "lr_multipliers", "decay_parameter_names", "NO_DECAY_SUFFIX"]
@@ -64,7 +65,7 @@ def build_param_groups(
     """Optimizer groups for ``model`` under ``config``, ready for any ``torch.optim`` optimizer.
 
     Args:
-        model: the model (DDP / compile wrappers are stripped).
+        model: the model (DDP / FSDP / DeepSpeed / compile / activation-checkpointing wrappers are seen through).
         config: the recipe; None = ``WBConfig()``.
         lr: the base learning rate (``TrainingArguments.learning_rate``).
         weight_decay: decoupled weight decay for every decayed parameter.
@@ -78,9 +79,9 @@ def build_param_groups(
     config = config or WBConfig()
     model = unwrap_model(model)
     lmap = lmap or layer_map(model, config.layers_pattern)
-    decay_names = set(decay_parameter_names(model) if decay_names is None else decay_names)
+    decay_names = {canonical_name(n) for n in (decay_parameter_names(model) if decay_names is None else decay_names)}
     multipliers = lr_multipliers(lmap, config)
-    named = dict(model.named_parameters())
+    named = canonical_named_parameters(model)  # FSDP1 / compile / checkpointing wrappers insert name components
 
     buckets: dict[tuple[str, bool], list[str]] = {}
     for name in lmap.params:

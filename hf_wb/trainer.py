@@ -27,6 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, get_last_checkpoint, set_seed
 
 from hf_wb.config import CONFIG_NAME, WBConfig
+from hf_wb.engines import Engine, check_requested_engine, log_engine
 from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
 from hf_wb.layers import BLOCK, EMBEDDINGS, LayerMap, layer_map, unit_name, unwrap_model
 from hf_wb.param_groups import NO_DECAY_SUFFIX, build_param_groups, decay_parameter_names
@@ -63,7 +64,9 @@ class WBTrainer(Trainer):
         self.wb_head_summary: dict[str, Any] = {}
         self._wb_labels: Any = None
         self._wb_model_ready: nn.Module | None = None
+        requested = check_requested_engine(kwargs.get("args", args[1] if len(args) > 1 else None), self.wb_config)
         super().__init__(*args, **kwargs)
+        self.wb_engine: Engine = log_engine(self, requested)
         if self.model is not None and self.model_init is None:
             self._apply_recipe(self.model)
         if self.model is not None and self.model_accepts_loss_kwargs and not loss_uses_num_items(self.model):

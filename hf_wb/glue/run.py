@@ -54,6 +54,7 @@ from transformers import (
 
 from hf_wb import __version__
 from hf_wb.config import WBConfig
+from hf_wb.engines import check_deepspeed_config
 from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
 from hf_wb.glue.metrics import build_compute_metrics
 from hf_wb.glue.tasks import GlueTask, get_task
@@ -363,54 +364,6 @@ def resolve_recipe(recipe_args: RecipeArguments, overrides: dict[str, Any] | Non
     else:
         base = WBConfig()
     return dataclasses.replace(base, **overrides) if overrides else base
-
-
-def _load_deepspeed_dict(config: str | dict | None, source: str) -> dict[str, Any] | None:
-    if config is None or config == "" or config == "none":
-        return None
-    if isinstance(config, dict):
-        return config
-    path = Path(str(config))
-    if path.is_file():
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source} {path} is not valid JSON: {exc}") from exc
-    else:
-        try:
-            values = json.loads(str(config))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source} {config!r} is neither a file nor a JSON object.") from exc
-    if not isinstance(values, dict):
-        raise ValueError(f"{source} {config!r} must hold a JSON object.")
-    return values
-
-
-def check_deepspeed_config(deepspeed: str | dict | None = None) -> None:
-    """Refuse a DeepSpeed config that would override hf_wb's optimizer parameter groups.
-
-    With an ``optimizer`` block DeepSpeed builds its own optimizer over all parameters and the Trainer never calls
-    ``create_optimizer``: the layer-wise rates would be dropped without a word. A ``scheduler`` block is refused too:
-    DeepSpeed's schedulers write one learning rate into every group, flattening the layer-wise rates. Both the
-    ``--deepspeed`` value and an accelerate DeepSpeed config (``ACCELERATE_DEEPSPEED_CONFIG_FILE``) are checked.
-    """
-    sources = [
-        ("`deepspeed`", deepspeed),
-        ("ACCELERATE_DEEPSPEED_CONFIG_FILE", os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")),
-    ]
-    for source, config in sources:
-        values = _load_deepspeed_dict(config, source)
-        if not values:
-            continue
-        for block in ("optimizer", "scheduler"):
-            if block in values:
-                raise ValueError(
-                    f"The DeepSpeed config ({source}: {config if isinstance(config, str) else 'dict'}) has an "
-                    f"`{block}` block. DeepSpeed would then build its own {block} over all parameters and silently "
-                    "replace hf_wb's layer-wise parameter groups. Remove the block and set the optimizer and "
-                    "schedule through TrainingArguments (--optim, --learning_rate, --lr_scheduler_type, "
-                    "--warmup_steps); see configs/accelerate/deepspeed-zero2.yaml."
-                )
 
 
 def _eval_prefix(split: str) -> str:
