@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from hf_wb.config import WBConfig
@@ -240,6 +241,8 @@ def detect_engine(trainer: Any) -> Engine:
     accelerator = getattr(trainer, "accelerator", None)
     state = getattr(accelerator, "state", None)
     world = int(getattr(accelerator, "num_processes", 0) or getattr(trainer.args, "world_size", 1) or 1)
+    if dist.is_available() and dist.is_initialized():  # DeepSpeed on CPU: accelerate counts 1 process
+        world = dist.get_world_size()
     if getattr(trainer, "is_deepspeed_enabled", False):
         plugin = getattr(state, "deepspeed_plugin", None)
         stage = _zero_stage(getattr(plugin, "deepspeed_config", None), getattr(plugin, "zero_stage", "?"))

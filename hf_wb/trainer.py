@@ -2,6 +2,7 @@
 
 What it adds to the Trainer, and where:
 
+- ``__init__``: checks the engine set-up (:mod:`hf_wb.engines`), logs which engine runs;
 - ``__init__`` / ``call_model_init``: freezes the embeddings and lower blocks and pins them to eval mode, before the
   optimizer exists (the Trainer builds it inside ``train()``);
 - ``create_optimizer``: the recipe's param groups (:func:`hf_wb.build_param_groups`) with the optimizer class the

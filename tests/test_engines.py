@@ -100,14 +100,14 @@ def test_fsdp1_without_orig_params_refused(tmp_path, monkeypatch, source):
         ({**QUIET, "cache_frozen_prefix": "auto"}, r"frozen-prefix cache"),
     ],
 )
-@pytest.mark.parametrize("engine", ["FSDP2", "DeepSpeed ZeRO-2"])
+@pytest.mark.parametrize("engine", ["FSDP1", "FSDP2", "DeepSpeed ZeRO-1", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"])
 def test_sharded_engines_refuse_what_they_cannot_do_exactly(tmp_path, monkeypatch, fields, message, engine):
-    if engine == "FSDP2":
-        args = cpu_args(tmp_path, fsdp="full_shard", fsdp_config={"version": 2})
+    if engine.startswith("FSDP"):
+        args = cpu_args(tmp_path, fsdp="full_shard", fsdp_config={"version": int(engine[-1])})
     else:  # accelerate launch --config_file deepspeed-zero2.yaml (set after the args, to keep the test light)
         args = cpu_args(tmp_path)
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", engine[-1])
     with pytest.raises(ValueError, match=rf"cannot apply this recipe exactly under {engine}: .*{message}"):
         WBTrainer(model=tiny_model("bert"), args=args, wb_config=WBConfig(**fields))
 
@@ -181,7 +181,7 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
     pytest.importorskip("deepspeed")
     reports, _ = _run_script(tmp_path, [f"zero{stage}"])
     report = reports[f"zero{stage}"]
-    assert report["engine"] == f"DeepSpeed ZeRO-{stage}"
+    assert report["engine"] == f"DeepSpeed ZeRO-{stage}" and report["engine_world_size"] == 2
     assert report["optimizer"].startswith("DeepSpeedZeroOptimizer")
     _check_exact(report)
 
@@ -193,7 +193,7 @@ def test_fsdp_config_on_cpu_runs_as_ddp_and_says_so(tmp_path):
         pytest.skip("this machine has a GPU: accelerate would run FSDP")
     reports, stderr = _run_script(tmp_path, ["fsdp-config-on-cpu"])
     report = reports["fsdp-config-on-cpu"]
-    assert report["engine"] == "DDP"
+    assert report["engine"] == "DDP" and report["engine_world_size"] == 2
     _check_exact(report)
     warning = "The configuration asks for FSDP2, but accelerate runs this job as DDP (world size 2) because"
     assert stderr.count(warning) == 1

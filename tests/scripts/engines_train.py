@@ -120,6 +120,7 @@ def run(mode):
         else:
             trainer = trainer_for(model, fsdp="full_shard", fsdp_config={"version": 2})
         engine = trainer.wb_engine.name
+        report["engine_world_size"] = trainer.wb_engine.world_size
         expected = describe(build_param_groups(model, config, LR, WD, lmap=trainer.wb_layer_map))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer.train()
