@@ -15,8 +15,9 @@ accelerate launch environment, before anything is wrapped):
   rates and partly frozen units cannot be expressed;
 - under an engine that shards parameters, gradients or optimizer state (FSDP1, FSDP2, DeepSpeed ZeRO-1/2/3) the
   features that read or rewire individual parameters after wrapping are refused: gradual unfreezing (adds groups
-  to an optimizer the engine has already partitioned), the frozen-prefix cache (skips forwards the engine hooks into)
-  and monitoring (histograms and diagnostics would describe one rank's shard, or find no gradient at all).
+  to an optimizer the engine has already partitioned), the frozen-prefix cache (skips forwards the engine hooks into),
+  monitoring (histograms and diagnostics would describe one rank's shard, or find no gradient at all) and the
+  recipe's layer-wise optimizers ``lamb`` and ``kfac`` (they need each whole weight and gradient).
 
 The checks go by the engine the configuration asks for, also where accelerate ends up running something else (an
 FSDP config on a machine without GPUs runs as DDP): a configuration refused on the GPU cluster is refused on the
@@ -219,6 +220,12 @@ def check_requested_engine(args: Any, config: WBConfig) -> Engine | None:
         refused.append(
             f"the frozen-prefix cache (`cache_frozen_prefix`={config.cache_frozen_prefix!r}): it skips the frozen "
             "blocks' forward, which the engine hooks into to gather and release their parameters -> set it to 'off'"
+        )
+    if config.optimizer in ("lamb", "kfac"):
+        refused.append(
+            f"`optimizer`={config.optimizer!r}: it computes per-layer quantities (LAMB's trust ratio, K-FAC's "
+            "Kronecker factors) from each whole weight and gradient, which this engine shards or flattens -> leave "
+            "`optimizer` unset and choose an element-wise optimizer with `--optim` (e.g. adamw_torch)"
         )
     if config.histogram_steps or config.diagnostics:
         refused.append(

@@ -98,6 +98,8 @@ def test_fsdp1_without_orig_params_refused(tmp_path, monkeypatch, source):
         ({**QUIET, "unfreeze_every": 1}, r"gradual unfreezing"),
         ({**QUIET, "cache_frozen_prefix": "on"}, r"frozen-prefix cache"),
         ({**QUIET, "cache_frozen_prefix": "auto"}, r"frozen-prefix cache"),
+        ({**QUIET, "optimizer": "lamb"}, r"`optimizer`='lamb'"),
+        ({**QUIET, "optimizer": "kfac"}, r"`optimizer`='kfac'"),
     ],
 )
 @pytest.mark.parametrize("engine", ["FSDP1", "FSDP2", "DeepSpeed ZeRO-1", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"])
