@@ -199,3 +199,13 @@ def test_fsdp_config_on_cpu_runs_as_ddp_and_says_so(tmp_path):
     _check_exact(report)
     warning = "The configuration asks for FSDP2, but accelerate runs this job as DDP (world size 2) because"
     assert stderr.count(warning) == 1
+
+
+def test_ddp_with_prefix_cache_two_processes(tmp_path):
+    """The in-memory frozen-prefix cache under DDP: the recipe exact, the cache served batches, and the weights match
+    the same run without the cache."""
+    report = _run_script(tmp_path, ["ddp-cache"])[0]["ddp-cache"]
+    assert report["engine"] == "DDP"
+    _check_exact(report)
+    assert report["served_batches"] == 8  # epochs 2 and 3: 4 steps each per rank
+    assert report["max_diff_vs_uncached"] < 1e-5

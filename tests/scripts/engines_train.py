@@ -9,13 +9,15 @@ MODE (several, comma-separated, run one after the other; at most one that builds
   the Trainer makes it (FSDP1: on the wrapped model; FSDP2: before wrapping, its parameters then switched to the
   sharded ones as accelerate does) and a few steps run by hand;
 - ``zero1`` / ``zero2`` / ``zero3``: the Trainer path with a DeepSpeed config (no optimizer / scheduler block);
-- ``fsdp-config-on-cpu``: the Trainer with an FSDP2 config, which accelerate runs as DDP on a machine without GPUs.
+- ``fsdp-config-on-cpu``: the Trainer with an FSDP2 config, which accelerate runs as DDP on a machine without GPUs;
+- ``ddp-cache``: DDP with the in-memory frozen-prefix cache, and the same run without it.
 
 Rank 0 writes OUT_DIR/report_MODE.json: the expected groups (``build_param_groups`` on the unwrapped model) and the
 optimizer's, whether frozen parameters stayed bit-identical and trained ones moved, and the largest difference of
 the full parameters across ranks.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -107,6 +109,34 @@ def run(mode):
                 after = {canonical_name(n): p.detach().clone() for n, p in wrapped.named_parameters()}
         else:
             after = {n: p.full_tensor().detach().clone() for n, p in wrapped.named_parameters()}
+    elif mode == "ddp-cache":
+        # DDP with the in-memory frozen-prefix cache against the same run without it (no dropout: same arithmetic)
+        runs = {}
+        for cache in ("off", "on"):
+            model = tiny_model("bert", 4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            data = make_dataset(32).map(lambda row: {"attention_mask": [1] * len(row["input_ids"])})
+            args = cpu_args(
+                out / f"run_{cache}",
+                num_train_epochs=3,
+                per_device_train_batch_size=4,
+                ddp_backend="gloo",
+                dataloader_drop_last=True,
+                lr_scheduler_type="constant",
+                train_sampling_strategy="sequential",  # each rank sees its rows again: epochs 2-3 are served
+            )
+            recipe = dataclasses.replace(config, cache_frozen_prefix=cache)
+            trainer = WBTrainer(model=model, args=args, train_dataset=data, wb_config=recipe)
+            if cache == "on":
+                expected = describe(build_param_groups(model, recipe, LR, 0.0, lmap=trainer.wb_layer_map))
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            trainer.train()
+            runs[cache] = (trainer, {n: p.detach().clone() for n, p in model.named_parameters()})
+        trainer, after = runs["on"]
+        engine = trainer.wb_engine.name
+        report["groups"] = describe(trainer.optimizer.param_groups)
+        report["expected"] = expected
+        report["served_batches"] = trainer.wb_cache_stats["served_batches"]
+        report["max_diff_vs_uncached"] = max(float((after[n] - runs["off"][1][n]).abs().max()) for n in after)
     else:
         if mode.startswith("zero"):
             stage = int(mode[-1])
