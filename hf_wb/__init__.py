@@ -2,7 +2,13 @@
 
 __version__ = "0.1.0"
 
-from hf_wb.callbacks import DiagnosticsConfig, WeightDiagnosticsCallback, WeightHistogramCallback  # noqa: E402
+from hf_wb.callbacks import (  # noqa: E402
+    DiagnosticsConfig,
+    PreemptionCallback,
+    TrainingPreempted,
+    WeightDiagnosticsCallback,
+    WeightHistogramCallback,
+)
 from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback  # noqa: E402
 from hf_wb.config import CONFIG_NAME, WBConfig  # noqa: E402
 from hf_wb.freezing import FreezePlan, freeze, is_eval_pinned, plan_freeze, unfreeze  # noqa: E402
@@ -48,6 +54,8 @@ __all__ = [
     "WeightDiagnosticsCallback",
     "DiagnosticsConfig",
     "GradualUnfreezingCallback",
+    "PreemptionCallback",
+    "TrainingPreempted",
     "PrefixCache",
     "KFAC",
 ]

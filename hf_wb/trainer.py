@@ -10,7 +10,11 @@ What it adds to the Trainer, and where:
 - ``log``: the current LR of every group as ``lr/<group>``, and ``learning_rate`` as the base (x1) rate;
 - ``_save_checkpoint`` / ``train(resume_from_checkpoint=...)`` / ``_load_optimizer_and_scheduler``: the recipe and
   the group layout are saved in every checkpoint and checked on resume, since optimizer state is loaded by group
-  position: a changed recipe stops with an error that names what changed.
+  position: a changed recipe stops with an error that names what changed. They are written before the Trainer's own
+  files, so a checkpoint is complete (:mod:`hf_wb.checkpoints`) before it is pushed or older ones are rotated away;
+  resume takes the newest complete checkpoint;
+- ``train``: a termination signal finishes the step, saves a checkpoint and raises
+  :class:`~hf_wb.callbacks.preemption.TrainingPreempted` (:mod:`hf_wb.callbacks.preemption`).
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ import inspect
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, get_last_checkpoint, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
+from hf_wb.callbacks.preemption import DEFAULT_SIGNALS, PreemptionCallback, TrainingPreempted
+from hf_wb.checkpoints import STATE_NAME, resolve_resume, write_json_atomic
 from hf_wb.config import CONFIG_NAME, WBConfig
 from hf_wb.engines import Engine, check_requested_engine, log_engine
 from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
@@ -39,8 +47,6 @@ __all__ = ["WBTrainer", "STATE_NAME"]
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "hf_wb_state.json"
-
 
 class WBTrainer(Trainer):
     """`transformers.Trainer` with the hf_wb recipe: layer-wise LRs, frozen eval-pinned lower blocks, no weight decay
@@ -49,9 +55,17 @@ class WBTrainer(Trainer):
     Args:
         *args, **kwargs: everything `transformers.Trainer` takes.
         wb_config: the recipe; None = `WBConfig()` (top 3 blocks at 5x, everything below frozen).
+        preemption_signals: signals that stop training cleanly: the step in progress finishes, a checkpoint is
+            saved and `train()` raises `TrainingPreempted` (default SIGTERM, SIGINT, SIGUSR1; None or "none" = off).
     """
 
-    def __init__(self, *args: Any, wb_config: WBConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        wb_config: WBConfig | None = None,
+        preemption_signals: str | Iterable[str | int] | None = DEFAULT_SIGNALS,
+        **kwargs: Any,
+    ) -> None:
         if wb_config is not None and not isinstance(wb_config, WBConfig):
             raise TypeError(f"`wb_config` must be a WBConfig, got {type(wb_config).__name__}.")
         self.wb_config = wb_config if wb_config is not None else WBConfig()
@@ -77,6 +91,9 @@ class WBTrainer(Trainer):
             # gradients would be doubled, with accumulation too large by the accumulation factor.
             self.model_accepts_loss_kwargs = False
         self._add_monitoring_callbacks()
+        self.wb_preemption = PreemptionCallback(preemption_signals) if preemption_signals else None
+        if self.wb_preemption is not None and self.wb_preemption.signals:
+            self.add_callback(self.wb_preemption)
         if self.wb_config.unfreeze_every or self.wb_config.unfreeze_every_steps:
             from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback
 
@@ -264,26 +281,35 @@ class WBTrainer(Trainer):
         }
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # hf_wb's files first: the Trainer writes trainer_state.json last, then pushes the checkpoint and deletes
+        # older ones (save_total_limit), so the checkpoint is complete before anything counts it as saved.
+        if self.args.should_save:
+            output_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(output_dir, exist_ok=True)
+            self.wb_config.save_pretrained(output_dir)
+            write_json_atomic(os.path.join(output_dir, STATE_NAME), self.wb_state())
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        output_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        self.wb_config.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, STATE_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.wb_state(), f, indent=2, sort_keys=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # the Trainer pushes output_dir (the model) and the checkpoint folder; give the model its recipe too
+        recipe = os.path.join(checkpoint_folder, CONFIG_NAME)
+        if self.is_world_process_zero() and os.path.isfile(recipe):
+            shutil.copy(recipe, os.path.join(self.args.output_dir, CONFIG_NAME))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save and not _internal_call:
+        if self.args.should_save and not _internal_call:  # before the Trainer's push_to_hub of the saved model
+            os.makedirs(output_dir or self.args.output_dir, exist_ok=True)
             self.wb_config.save_pretrained(output_dir or self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):  # noqa: D102
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """`Trainer.train`, plus: ``resume_from_checkpoint`` True / ``"true"`` takes the newest *complete* checkpoint
+        in ``output_dir`` (:func:`hf_wb.checkpoints.resolve_resume`), a path is checked to be complete, and a
+        preemption signal ends training with :class:`TrainingPreempted` once the checkpoint is saved."""
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if self.model_init is not None:
             # The Trainer makes a fresh model inside train(); make it here instead, so that the head recipe and the
             # prefix cache below apply to the model that trains (call_model_init hands it over).
@@ -297,11 +323,39 @@ class WBTrainer(Trainer):
             if os.path.isfile(state_file):
                 with open(state_file, encoding="utf-8") as f:
                     self.wb_unfreeze_to(int(json.load(f).get("unfreeze_stage", 0)))
-        self._setup_prefix_cache()
+        preemption = self.wb_preemption
+        if preemption is not None:
+            preemption.install()  # before the cache build and the first step
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+            self._setup_prefix_cache()
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+            if preemption is not None:
+                self._raise_if_preempted(preemption, kwargs.get("trial"))
+            return output
         finally:
             self._teardown_prefix_cache()
+            if preemption is not None:
+                preemption.uninstall()
+
+    def _raise_if_preempted(self, preemption: PreemptionCallback, trial: Any) -> None:
+        step = self.state.global_step
+        checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if preemption.preempted is None:
+            late = preemption.agree(self.args.device)  # every process gets here: a signal after the last step
+            if late is None:
+                return
+            preemption.preempted, preemption.stopped_at = late, self.state.global_step
+            if self.args.load_best_model_at_end and self.state.best_model_checkpoint:
+                logger.warning("%s received after the last step, with the best model loaded: not saved again.",
+                               late.name)  # fmt: skip
+            elif not os.path.isdir(checkpoint):
+                logger.warning("%s received after the last step: saving a checkpoint of step %d.", late.name,
+                               self.state.global_step)  # fmt: skip
+                self._save_checkpoint(self.model_wrapped, trial)
+        saved = checkpoint if os.path.isdir(checkpoint) else None
+        logger.warning("Training preempted by %s after step %d; checkpoint: %s", preemption.preempted.name,
+                       self.state.global_step, saved)  # fmt: skip
+        raise TrainingPreempted(preemption.preempted.name, self.state.global_step, saved)
 
     # ----- frozen-prefix cache --------------------------------------------------------------------------------------
     def _setup_prefix_cache(self) -> None:

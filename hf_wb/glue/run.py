@@ -22,6 +22,12 @@ Which recipe runs (later layers override earlier ones):
 
 ``--trainer plain`` uses ``transformers.Trainer`` instead of ``hf_wb.WBTrainer`` (no recipe at all; for benchmarks).
 
+Stopping and starting again (:class:`RunArguments`): a training run resumes from the newest complete checkpoint in
+``output_dir`` when there is one (``--overwrite_output_dir`` deletes them and starts over; ``--resume_from_checkpoint
+true|PATH`` picks one explicitly). SIGTERM, SIGINT or SIGUSR1 (``--preemption_signals``) finish the optimizer step in
+progress, save a checkpoint and exit with code 75 (:data:`hf_wb.callbacks.preemption.EXIT_PREEMPTED`): run the same
+command again to continue.
+
 Results: ``all_results.json`` in ``output_dir`` (train/eval metrics, runtime, samples/s, the recipe, task, model),
 the trained model, tokenizer and ``hf_wb_config.json``. Evaluation runs on every rank of a distributed run; files are
 written by the main process only.
@@ -53,6 +59,14 @@ from transformers import (
 )
 
 from hf_wb import __version__
+from hf_wb.callbacks.preemption import (
+    DEFAULT_SIGNALS,
+    EXIT_PREEMPTED,
+    PreemptionCallback,
+    TrainingPreempted,
+    parse_signals,
+)
+from hf_wb.checkpoints import clear_checkpoints, last_complete_checkpoint, list_checkpoints, resolve_resume
 from hf_wb.config import WBConfig
 from hf_wb.engines import check_deepspeed_config
 from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
@@ -65,6 +79,7 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "RecipeArguments",
+    "RunArguments",
     "build_parser",
     "check_deepspeed_config",
     "main",
@@ -223,7 +238,37 @@ class RecipeArguments:
             )
 
 
-DATACLASSES = (ModelArguments, DataArguments, RecipeArguments, WBConfig, TrainingArguments)
+@dataclass
+class RunArguments:
+    """What happens when a run is stopped and started again.
+
+    Args:
+        overwrite_output_dir: Start over: delete the ``checkpoint-*`` folders in ``output_dir`` instead of resuming
+            from the newest complete one (the default, as transformers' example scripts do).
+        preemption_signals: Signals that stop training cleanly (finish the step, save a checkpoint, exit with code
+            75), comma-separated; ``none`` turns this off.
+    """
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over: delete the checkpoint-* folders in output_dir instead of resuming from the newest "
+            "complete one (the default)."
+        },
+    )
+    preemption_signals: str = field(
+        default=",".join(DEFAULT_SIGNALS),
+        metadata={
+            "help": "Signals that stop training cleanly (finish the step, save a checkpoint, exit with code 75), "
+            "comma-separated; 'none' turns this off."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        parse_signals(self.preemption_signals)  # a clear error for an unknown name, before anything runs
+
+
+DATACLASSES = (ModelArguments, DataArguments, RecipeArguments, WBConfig, TrainingArguments, RunArguments)
 
 
 def build_parser() -> HfArgumentParser:
@@ -262,6 +307,7 @@ class ParsedArgs:
     wb_config: WBConfig
     training: TrainingArguments
     config_file: str | None = None
+    run: RunArguments = field(default_factory=RunArguments)
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -325,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     for dtype in DATACLASSES:
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
         built.append(dtype(**{k: v for k, v in values.items() if k in names}))
-    model_args, data_args, recipe_args, parsed_wb, training_args = built
+    model_args, data_args, recipe_args, parsed_wb, training_args, run_args = built
 
     wb_fields = {f.name for f in dataclasses.fields(WBConfig)}
     from_file = set(file_values) & wb_fields
@@ -339,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
         from_file = set()
     explicit = {name: getattr(parsed_wb, name) for name in sorted(from_file | (cli & wb_fields))}
     wb_config = resolve_recipe(recipe_args, explicit)
-    return ParsedArgs(model_args, data_args, recipe_args, wb_config, training_args, config_file)
+    return ParsedArgs(model_args, data_args, recipe_args, wb_config, training_args, config_file, run_args)
 
 
 def _distributed_without_accelerator() -> bool:
@@ -398,6 +444,7 @@ def run_glue(
     wb_config: WBConfig | None = None,
     trainer_kind: str = "wb",
     recipe_name: str = "hf_wb",
+    run_args: RunArguments | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``data_args.task_name`` and evaluate on its dev split(s).
 
@@ -409,12 +456,16 @@ def run_glue(
         trainer_kind: ``"wb"`` (``WBTrainer``) or ``"plain"`` (``transformers.Trainer``).
         recipe_name: How the recipe was chosen (``hf_wb``, ``baseline`` or the ``--wb_config`` source), recorded
             in the results.
+        run_args: Resume / start over and the preemption signals; default :class:`RunArguments`.
 
     Returns:
         The results written to ``all_results.json``: train metrics (``train_runtime``,
         ``train_samples_per_second``, ...), eval metrics (``eval_accuracy``, ... and ``eval_mismatched_*`` for
         MNLI), and ``task``, ``model_name_or_path``, ``trainer``, ``recipe_name``, ``recipe``, ``world_size``,
         ``device``, ``mixed_precision``.
+
+    Raises:
+        TrainingPreempted: a preemption signal stopped training after saving a checkpoint.
     """
     if trainer_kind not in TRAINERS:
         raise ValueError(f"`trainer_kind` must be one of {', '.join(TRAINERS)}; got {trainer_kind!r}.")
@@ -427,7 +478,9 @@ def run_glue(
         logger.warning("`do_predict` is ignored: GLUE test labels are not public, so run_glue evaluates on dev only.")
     check_deepspeed_config(training_args.deepspeed)
     wb_config = wb_config if wb_config is not None else WBConfig()
+    run_args = run_args if run_args is not None else RunArguments()
     task: GlueTask = get_task(data_args.task_name)
+    resume = _checkpoint_to_resume(training_args, run_args, trainer_kind) if training_args.do_train else None
 
     set_seed(training_args.seed)
     splits = (["train"] if training_args.do_train else []) + (list(task.eval_splits) if training_args.do_eval else [])
@@ -475,10 +528,11 @@ def run_glue(
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to),
         compute_metrics=build_compute_metrics(task),
     )
+    preemption = PreemptionCallback(run_args.preemption_signals)
     if trainer_kind == "wb":
-        trainer: Trainer = WBTrainer(wb_config=wb_config, **trainer_kwargs)
+        trainer: Trainer = WBTrainer(wb_config=wb_config, preemption_signals=preemption.signals, **trainer_kwargs)
     else:
-        trainer = Trainer(**trainer_kwargs)
+        trainer = Trainer(**trainer_kwargs, callbacks=[preemption] if preemption.signals else None)
     if not loss_uses_num_items(model):
         # WBTrainer does this itself; the plain baseline needs the same fix, or its loss and gradients come out
         # multiplied by the number of processes under DDP (see hf_wb.trainer.loss_uses_num_items).
@@ -486,7 +540,11 @@ def run_glue(
 
     results: dict[str, Any] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        if preemption.preempted is not None:  # the plain Trainer; WBTrainer raises this itself
+            step = trainer.state.global_step
+            checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{step}")
+            raise TrainingPreempted(preemption.preempted.name, step, checkpoint if os.path.isdir(checkpoint) else None)
         trainer.save_model()  # model, tokenizer and (WBTrainer) hf_wb_config.json
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(tokenized["train"])
@@ -525,8 +583,37 @@ def run_glue(
     return results
 
 
+def _checkpoint_to_resume(training_args: TrainingArguments, run_args: RunArguments, trainer_kind: str) -> str | None:
+    """``--resume_from_checkpoint`` (true / a path, checked to be complete), else the newest complete checkpoint in
+    ``output_dir``, else None; ``--overwrite_output_dir`` deletes the checkpoints there instead."""
+    output_dir = training_args.output_dir
+    requested = training_args.resume_from_checkpoint
+    if run_args.overwrite_output_dir:
+        if resolve_resume(requested, output_dir, require_wb_files=False) is not None:
+            raise ValueError(
+                f"`overwrite_output_dir` starts over and `resume_from_checkpoint`={requested!r} resumes; pass only "
+                "one."
+            )
+        with training_args.main_process_first(desc="clearing checkpoints"):
+            if training_args.process_index == 0:
+                clear_checkpoints(output_dir)
+        return None
+    if requested is not None:
+        return resolve_resume(requested, output_dir, require_wb_files=trainer_kind == "wb")
+    found = last_complete_checkpoint(output_dir, require_wb_files=trainer_kind == "wb")
+    if found is not None:
+        logger.warning(
+            "Resuming from %s, the newest complete checkpoint in output_dir (--overwrite_output_dir starts over).",
+            found,
+        )
+    elif list_checkpoints(output_dir):
+        logger.warning("No complete checkpoint in %s: training starts at step 0.", output_dir)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: ``run_glue.py [CONFIG.yaml|CONFIG.json] [--key value ...]``; returns 0."""
+    """Command-line entry point: ``run_glue.py [CONFIG.yaml|CONFIG.json] [--key value ...]``; returns 0, or
+    :data:`~hf_wb.callbacks.preemption.EXIT_PREEMPTED` (75) when a signal stopped training after a checkpoint."""
     args = parse_args(argv)
     _setup_logging(args.training)
     logger.info("hf_wb recipe: %s", args.wb_config)
@@ -539,7 +626,11 @@ def main(argv: list[str] | None = None) -> int:
             wb_config=args.wb_config,
             trainer_kind=args.recipe.trainer,
             recipe_name=recipe_name,
+            run_args=args.run,
         )
+    except TrainingPreempted as exc:
+        logger.error("%s Exit code %d.", exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     finally:
         shutdown_distributed()
     return 0
