@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -32,11 +33,14 @@ from hf_wb.config import CONFIG_NAME
 __all__ = [
     "STATE_NAME",
     "TRAINER_STATE_NAME",
+    "changed_training_settings",
     "checkpoint_problems",
     "clear_checkpoints",
+    "finished_run",
     "last_complete_checkpoint",
     "list_checkpoints",
     "resolve_resume",
+    "training_settings",
     "write_json_atomic",
 ]
 
@@ -48,6 +52,24 @@ WB_FILES = (CONFIG_NAME, STATE_NAME)
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # what holds the weights, by prefix of a file or folder name: plain / sharded / PEFT saves, FSDP and DeepSpeed layouts
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "adapter_model", "global_step")
+# the TrainingArguments that decide what a resumed run computes: recorded in hf_wb_state.json, compared on resume
+TRAINING_SETTINGS = (
+    "learning_rate",
+    "weight_decay",
+    "seed",
+    "data_seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+)
 _TRUE = ("true", "last", "latest")
 _FALSE = ("", "false", "none", "no")
 
@@ -63,6 +85,37 @@ def write_json_atomic(path: str | os.PathLike, values: object) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def training_settings(args: Any) -> dict[str, Any]:
+    """The training arguments (:data:`TRAINING_SETTINGS`) that decide what a resumed run computes, JSON-ready."""
+    values = {
+        name: getattr(getattr(args, name, None), "value", getattr(args, name, None)) for name in TRAINING_SETTINGS
+    }
+    return json.loads(json.dumps(values, default=str))
+
+
+def changed_training_settings(checkpoint: str | os.PathLike, args: Any) -> dict[str, tuple[Any, Any]]:
+    """Training settings that differ between ``checkpoint``'s run (its ``hf_wb_state.json``) and ``args``:
+    name -> (the checkpoint's, the current); {} when they match or the checkpoint did not record them."""
+    path = Path(checkpoint) / STATE_NAME
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("training_args") or {}
+    except (OSError, ValueError):
+        return {}
+    now = training_settings(args)
+    return {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
+
+
+def finished_run(checkpoint: str | os.PathLike) -> int | None:
+    """The step of ``checkpoint`` when it is the last step of its run (``global_step >= max_steps`` in its
+    trainer_state.json), else None."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    step, max_steps = state.get("global_step"), state.get("max_steps")
+    return step if isinstance(step, int) and isinstance(max_steps, int) and 0 < max_steps <= step else None
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:

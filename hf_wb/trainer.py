@@ -34,7 +34,14 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 from hf_wb.callbacks.preemption import DEFAULT_SIGNALS, PreemptionCallback, TrainingPreempted
-from hf_wb.checkpoints import STATE_NAME, resolve_resume, write_json_atomic
+from hf_wb.checkpoints import (
+    STATE_NAME,
+    changed_training_settings,
+    finished_run,
+    resolve_resume,
+    training_settings,
+    write_json_atomic,
+)
 from hf_wb.config import CONFIG_NAME, WBConfig
 from hf_wb.engines import Engine, check_requested_engine, log_engine
 from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
@@ -278,6 +285,7 @@ class WBTrainer(Trainer):
             "frozen_units": list(self.wb_freeze_plan.frozen_units) if self.wb_freeze_plan else [],
             "unfreeze_stage": self.wb_unfreeze_stage,
             "unfrozen_units": list(self.wb_unfrozen_units),
+            "training_args": training_settings(self.args),
         }
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -318,6 +326,23 @@ class WBTrainer(Trainer):
             self._wb_model_ready = self.model
         if resume_from_checkpoint:
             self._check_resume_recipe(str(resume_from_checkpoint))
+            changed = changed_training_settings(resume_from_checkpoint, self.args)
+            last = finished_run(resume_from_checkpoint)
+            more = (
+                self.args.max_steps > last
+                if last is not None and self.args.max_steps > 0
+                else "num_train_epochs" in changed
+            )
+            if last is not None and not more:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: it is the last step ({last}) of a finished run, so "
+                    "there is nothing left to train (and transformers would train one step past the end). Load its "
+                    "weights with from_pretrained to evaluate or export them, give more steps (max_steps / "
+                    "num_train_epochs) to train on, or start over (run_glue: --overwrite_output_dir)."
+                )
+            if changed:
+                logger.warning("Resuming %s with other training settings than it was trained with: %s",
+                               resume_from_checkpoint, _describe_changes(changed))  # fmt: skip
             check_checkpoint_masks(self.model, str(resume_from_checkpoint))
             state_file = os.path.join(str(resume_from_checkpoint), STATE_NAME)
             if os.path.isfile(state_file):
@@ -568,6 +593,10 @@ def _is_factory(optimizer_cls: Any) -> bool:
     except ImportError:
         return False
     return bool(is_optimizer_factory(optimizer_cls))
+
+
+def _describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"`{k}`: {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
 def _describe(group: dict[str, Any]) -> str:

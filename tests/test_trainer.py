@@ -131,7 +131,7 @@ def test_resume_with_changed_recipe_refused(tmp_path):
 
 def test_resume_with_changed_model_refused(tmp_path):
     data = make_dataset()
-    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)  # checkpoint-2: mid-run
     WBTrainer(
         model=tiny_model("bert", 4), args=args, train_dataset=data, wb_config=WBConfig(top_layers=2, **QUIET)
     ).train()

@@ -66,7 +66,13 @@ from hf_wb.callbacks.preemption import (
     TrainingPreempted,
     parse_signals,
 )
-from hf_wb.checkpoints import clear_checkpoints, last_complete_checkpoint, list_checkpoints, resolve_resume
+from hf_wb.checkpoints import (
+    changed_training_settings,
+    clear_checkpoints,
+    last_complete_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+)
 from hf_wb.config import WBConfig
 from hf_wb.engines import check_deepspeed_config
 from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
@@ -601,6 +607,14 @@ def _checkpoint_to_resume(training_args: TrainingArguments, run_args: RunArgumen
     if requested is not None:
         return resolve_resume(requested, output_dir, require_wb_files=trainer_kind == "wb")
     found = last_complete_checkpoint(output_dir, require_wb_files=trainer_kind == "wb")
+    changed = changed_training_settings(found, training_args) if found is not None else {}
+    if changed:
+        details = ", ".join(f"`{k}`: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"output_dir {output_dir} holds {found}, a checkpoint of a run with other training settings ({details}); "
+            "resuming it by itself would mix two runs. Pass --overwrite_output_dir to start over, or "
+            "--resume_from_checkpoint true to continue it with the new settings."
+        )
     if found is not None:
         logger.warning(
             "Resuming from %s, the newest complete checkpoint in output_dir (--overwrite_output_dir starts over).",
