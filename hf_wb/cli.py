@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,7 +25,12 @@ __all__ = ["main", "load_recipe"]
 
 def load_recipe(path: str | None) -> tuple[WBConfig, dict[str, Any]]:
     """A WBConfig from a JSON / YAML file or a folder holding ``hf_wb_config.json``, plus the file's other keys
-    (a GLUE YAML also holds TrainingArguments such as ``learning_rate``)."""
+    (a GLUE YAML also holds TrainingArguments such as ``learning_rate``).
+
+    A YAML / JSON recipe file goes through the loader of ``run_glue`` (:func:`hf_wb.glue.run.load_config_file`):
+    the same unknown-key error, the same value conversion, and ``recipe: baseline`` / ``wb_config:`` resolved the
+    same way.
+    """
     if path is None:
         return WBConfig(), {}
     p = Path(path)
@@ -34,19 +38,15 @@ def load_recipe(path: str | None) -> tuple[WBConfig, dict[str, Any]]:
         return WBConfig.from_pretrained(p), {}
     if not p.is_file():
         return WBConfig.from_pretrained(path), {}  # a Hub repo id
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
+    from hf_wb.glue.run import RecipeArguments, load_config_file, resolve_recipe
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of WBConfig fields, got {type(values).__name__}.")
+    values = load_config_file(p)
     names = {f.name for f in dataclasses.fields(WBConfig)}
+    choice_names = {f.name for f in dataclasses.fields(RecipeArguments)}
     recipe = {k: v for k, v in values.items() if k in names}
-    rest = {k: v for k, v in values.items() if k not in names and k != "hf_wb_version"}
-    return WBConfig(**recipe), rest
+    choice = RecipeArguments(**{k: v for k, v in values.items() if k in choice_names})
+    rest = {k: v for k, v in values.items() if k not in names and k not in choice_names}
+    return resolve_recipe(choice, recipe), rest
 
 
 def _load_model(name: str, task: str, num_labels: int):

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
+import numbers
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,12 +151,16 @@ class WBConfig(PushToHubMixin):
     )
 
     def __post_init__(self) -> None:
-        # normalise
+        # normalise: every value to its field's type (strings from JSON / YAML / the command line included)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce_field(f.name, getattr(self, f.name)))
         if isinstance(self.optimizer, str):
             self.optimizer = self.optimizer.strip().lower() or None
-        self.head_init = str(self.head_init).strip().lower()
-        self.cache_frozen_prefix = str(self.cache_frozen_prefix).strip().lower()
-        self.cache_dtype = str(self.cache_dtype).strip().lower()
+        self.head_init = self.head_init.strip().lower()
+        self.cache_frozen_prefix = _CACHE_MODE_ALIASES.get(
+            self.cache_frozen_prefix.strip().lower(), self.cache_frozen_prefix.strip().lower()
+        )
+        self.cache_dtype = self.cache_dtype.strip().lower()
         if self.layers_pattern == "":
             self.layers_pattern = None
         # one rule, one error
@@ -204,7 +213,10 @@ class WBConfig(PushToHubMixin):
         if self.histogram_steps < 0:
             raise ValueError(f"`histogram_steps` must be >= 0 (0 = off), got {self.histogram_steps}.")
         if self.cache_frozen_prefix not in CACHE_MODES:
-            raise ValueError(f"`cache_frozen_prefix` must be one of {CACHE_MODES}, got {self.cache_frozen_prefix!r}.")
+            raise ValueError(
+                f"`cache_frozen_prefix` must be one of {CACHE_MODES} (true/false/yes/no also read as on/off), got "
+                f"{self.cache_frozen_prefix!r}."
+            )
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"`cache_dtype` must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}.")
         if self.unfreeze_every < 0:
@@ -337,3 +349,103 @@ class WBConfig(PushToHubMixin):
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object of WBConfig fields, got {type(values).__name__}.")
         return cls.from_dict(values)
+
+
+# ----- value conversion (one set of rules for WBConfig(...), from_pretrained, YAML / JSON files and the CLI) --------
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null")
+# YAML 1.1 reads `on` / `off` / `yes` / `no` as booleans, and JSON writers may too: they mean the cache's on / off.
+_CACHE_MODE_ALIASES = {**dict.fromkeys(_TRUE, "on"), **dict.fromkeys(_FALSE, "off")}
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Field name -> (base type, accepts None), from the annotations (``int``, ``float | None``, ...)."""
+    out = {}
+    for name, hint in typing.get_type_hints(WBConfig).items():
+        if name not in {f.name for f in dataclasses.fields(WBConfig)}:
+            continue
+        args = (
+            typing.get_args(hint)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+            else ()
+        )
+        base = next((a for a in args if a is not type(None)), hint)
+        out[name] = (base, type(None) in args)
+    return out
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """``value`` converted to the type of the WBConfig field ``name``, or a ValueError / TypeError naming the field.
+
+    The rules, the same wherever a recipe comes from (``WBConfig(...)``, ``from_pretrained``, a YAML or JSON file,
+    the command line):
+
+    - int fields: ints; integral floats (``2.0`` -> 2); strings holding one (``"3"``, ``"2.0"``). ``2.5``, booleans
+      and other strings are refused.
+    - float fields: ints, floats and numeric strings (``"1e-3"``); NaN and +-inf are refused.
+    - bool fields: booleans, 0 / 1, and the strings true/false, yes/no, on/off, 1/0 (any case): the string
+      ``"false"`` is False, never truthy. Anything else is refused.
+    - str fields: strings; ``cache_frozen_prefix`` also takes booleans (YAML reads ``on`` / ``off`` as True / False).
+    - fields that accept None: None, and the strings ``"none"`` / ``"null"`` for non-string fields.
+    """
+    types_ = _field_types()
+    if name not in types_:
+        return value
+    base, optional = types_[name]
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"`{name}` must be a {base.__name__}, got None.")
+    text = value.strip() if isinstance(value, str) else None
+    if optional and base is not str and text is not None and (text == "" or text.lower() in _NONE):
+        return None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+            return bool(value)
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(
+            f"`{name}` must be a boolean (true/false, yes/no, on/off, 1/0), got {value!r} ({type(value).__name__})."
+        )
+    if base is int:
+        number: Any = value
+        if text is not None:
+            try:
+                number = (
+                    float(text)
+                    if any(c in text for c in ".eE") or text.lower() in ("nan", "inf", "-inf")
+                    else int(text)
+                )
+            except ValueError:
+                raise ValueError(f"`{name}` must be an integer, got the string {value!r}.") from None
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
+        if isinstance(number, numbers.Integral):
+            return int(number)
+        if not math.isfinite(number) or not float(number).is_integer():
+            raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        return int(number)
+    if base is float:
+        number = value
+        if text is not None:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"`{name}` must be a number, got the string {value!r}.") from None
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+        number = float(number)
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}: NaN and infinity are refused.")
+        return number
+    if base is str:
+        if isinstance(value, str):
+            return value
+        if name == "cache_frozen_prefix" and isinstance(value, bool):
+            return "on" if value else "off"
+        raise TypeError(f"`{name}` must be a string, got {value!r} ({type(value).__name__}).")
+    return value

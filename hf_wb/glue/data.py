@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GLUE_DIR_ENV",
+    "check_labels",
     "find_task_dir",
     "glue_features",
     "load_glue",
@@ -134,6 +136,11 @@ def read_glue_tsv(path: str | os.PathLike, task: GlueTask | str) -> dict[str, li
             if column.name == "label":
                 value = _parse_label(path, line, task, value, label_ids)
             columns[column.name].append(value)
+    if not columns["label"]:
+        raise ValueError(
+            f"{path}: the file holds no examples (only {'a header line' if task.has_header else 'blank lines'}). "
+            f"An empty split cannot be trained or evaluated on; check the file. Expected {task.layout()}."
+        )
     columns["idx"] = list(range(len(columns["label"])))
     return {name: columns[name] for name in (*task.text_columns, "label", "idx")}
 
@@ -141,14 +148,57 @@ def read_glue_tsv(path: str | os.PathLike, task: GlueTask | str) -> dict[str, li
 def _parse_label(path: Path, line: int, task: GlueTask, value: str, label_ids: dict[str, int]) -> int | float:
     if task.is_regression:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
             raise ValueError(
                 f"{path}, line {line}: label {value!r} is not a number. Expected {task.layout()}."
             ) from None
+        problem = _score_problem(task, score)
+        if problem:
+            raise ValueError(f"{path}, line {line}: label {value!r} {problem}. Expected {task.layout()}.")
+        return score
     if value not in label_ids:
         raise ValueError(f"{path}, line {line}: label {value!r} is not valid. Expected {task.layout()}.")
     return label_ids[value]
+
+
+def _score_problem(task: GlueTask, score: float) -> str | None:
+    """Why a regression score is refused (not finite, outside the task's range), or None."""
+    if not math.isfinite(score):
+        return "is not a finite number (a NaN or infinite target makes the loss NaN or infinite)"
+    if task.label_range is not None and not task.label_range[0] <= score <= task.label_range[1]:
+        return f"is outside {task.name}'s score range {task.label_range[0]:g}..{task.label_range[1]:g}"
+    return None
+
+
+def check_labels(dataset: Dataset, task: GlueTask, source: str) -> None:
+    """Refuse a split with no rows, or with a label that is not finite / in range / in the task's label set.
+
+    The local TSV reader checks each row as it reads it (naming the line); this checks splits from elsewhere (the
+    Hub), naming ``source`` and the 0-based row.
+    """
+    import numpy as np
+
+    if len(dataset) == 0:
+        raise ValueError(f"{source} holds no examples: an empty split cannot be trained or evaluated on.")
+    labels = np.asarray(dataset.with_format("numpy")["label"], dtype=np.float64)
+    if task.is_regression:
+        for row in np.flatnonzero(~np.isfinite(labels) | _outside(labels, task.label_range)):
+            raise ValueError(
+                f"{source}, row {row}: label {float(labels[row])!r} {_score_problem(task, float(labels[row]))}."
+            )
+    else:
+        for row in np.flatnonzero(~np.isin(labels, np.arange(task.num_labels))):
+            raise ValueError(
+                f"{source}, row {row}: label {float(labels[row])!r} is not one of {task.name}'s label ids "
+                f"0..{task.num_labels - 1} ({', '.join(task.label_names)})."
+            )
+
+
+def _outside(labels: Any, label_range: tuple[float, float] | None) -> Any:
+    if label_range is None:
+        return labels != labels  # all False
+    return (labels < label_range[0]) | (labels > label_range[1])
 
 
 def _load_local_split(task: GlueTask, task_dir: Path, split: str) -> Dataset:
@@ -172,6 +222,8 @@ def _load_hub_splits(task: GlueTask, splits: Sequence[str], cache_dir: str | Non
             split: datasets.load_dataset(task.hub_path, task.name, split=split, cache_dir=cache_dir)
             for split in splits
         }
+        for split, dataset in loaded.items():
+            check_labels(dataset, task, f"Hub dataset {task.hub_path} ({task.name}, split {split!r})")
     except (ConnectionError, OSError) as exc:
         raise OSError(
             f"Could not load GLUE task {task.name!r} from the Hub dataset {task.hub_path!r} ({exc}). To use local "

@@ -73,7 +73,7 @@ from hf_wb.checkpoints import (
     list_checkpoints,
     resolve_resume,
 )
-from hf_wb.config import WBConfig
+from hf_wb.config import WBConfig, coerce_field
 from hf_wb.engines import check_deepspeed_config
 from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
 from hf_wb.glue.metrics import build_compute_metrics
@@ -282,8 +282,15 @@ def build_parser() -> HfArgumentParser:
     return HfArgumentParser(DATACLASSES)
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict of argument values."""
+def load_config_file(path: str | os.PathLike, parser: HfArgumentParser | None = None) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict of argument values, checked.
+
+    The one loader of recipe files (``run_glue``, ``hf-wb glue``, ``hf-wb inspect --config``, ``hf-wb push-recipe``):
+    every key must be an argument of :func:`build_parser` (a misspelled key is an error naming it, not silently
+    ignored), and ``WBConfig`` fields are converted by :func:`hf_wb.config.coerce_field` (``"3"`` -> 3, ``"false"``
+    -> False, ``on`` -> "on"; NaN, ``2.5`` for an int field and unreadable strings are refused naming the field).
+    An ``hf_wb_version`` key (written by ``WBConfig.save_pretrained``) is dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} not found.")
@@ -293,14 +300,31 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
         values = yaml.safe_load(text)
     elif path.suffix == ".json":
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"Config file {path} is not valid JSON: {exc}") from exc
     else:
         raise ValueError(f"Config file {path} must end in .yaml, .yml or .json.")
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of argument names to values.")
-    return values
+    values = {k: v for k, v in values.items() if k != "hf_wb_version"}
+    parser = parser if parser is not None else build_parser()
+    known = {action.dest for action in parser._actions if action.dest != "help"}
+    unknown = sorted(set(values) - known, key=str)
+    if unknown:
+        raise ValueError(
+            f"Config file {path} has unknown keys {unknown}: they are not fields of ModelArguments, "
+            "DataArguments, RecipeArguments, WBConfig or TrainingArguments. Check the spelling "
+            "(python scripts/run_glue.py --help lists every argument)."
+        )
+    wb_fields = {f.name for f in dataclasses.fields(WBConfig)}
+    try:
+        return {k: coerce_field(k, v) if k in wb_fields else v for k, v in values.items()}
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"Config file {path}: {exc}") from exc
 
 
 @dataclass
@@ -344,16 +368,8 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
     file_values: dict[str, Any] = {}
     if argv and not argv[0].startswith("-"):
         config_file, argv = argv[0], argv[1:]
-        file_values = load_config_file(config_file)
+        file_values = load_config_file(config_file, parser)
 
-    known = {action.dest for action in parser._actions if action.dest != "help"}
-    unknown = sorted(set(file_values) - known)
-    if unknown:
-        raise ValueError(
-            f"Config file {config_file} has unknown keys {unknown}: they are not fields of ModelArguments, "
-            "DataArguments, RecipeArguments, WBConfig or TrainingArguments. Check the spelling "
-            "(python scripts/run_glue.py --help lists every argument)."
-        )
     for action in parser._actions:
         if action.dest in file_values:
             action.default = file_values[action.dest]

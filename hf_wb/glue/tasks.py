@@ -48,6 +48,7 @@ class GlueTask:
         eval_files: Evaluation split name -> file name in the task folder.
         train_file: File name of the training split.
         hub_path: Hub dataset path used when no local folder is given.
+        label_range: Inclusive range of a regression score (STS-B: 0 to 5); ``None`` for classification tasks.
     """
 
     name: str
@@ -62,6 +63,7 @@ class GlueTask:
     eval_files: dict[str, str] = field(default_factory=lambda: {"validation": "dev.tsv"})
     train_file: str = "train.tsv"
     hub_path: str = "nyu-mll/glue"
+    label_range: tuple[float, float] | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -99,9 +101,11 @@ class GlueTask:
             f"field {c.index} = {c.name}" + (f" (header {c.header!r})" if c.header else "") for c in self.tsv_columns
         )
         header = "a header line" if self.has_header else f"no header line, {self.num_fields} fields per row"
-        labels = (
-            "a float score" if self.is_regression else "one of " + ", ".join(repr(v) for v in self.tsv_label_values)
-        )
+        if self.is_regression:
+            low, high = self.label_range or (float("-inf"), float("inf"))
+            labels = f"a finite float score from {low:g} to {high:g}"
+        else:
+            labels = "one of " + ", ".join(repr(v) for v in self.tsv_label_values)
         return (
             f"GLUE layout for {self.name}: {self.folder}/{{{', '.join(self.split_files.values())}}}, tab-separated, "
             f"unquoted, {header}; {columns}; label is {labels}"
@@ -161,6 +165,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
             label_names=(),
             tsv_label_values=(),
             metrics=("pearson", "spearmanr"),
+            label_range=(0.0, 5.0),
         ),
         GlueTask(
             name="qqp",
