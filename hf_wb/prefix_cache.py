@@ -18,6 +18,15 @@ Exactness: the top blocks see the states the frozen prefix would compute for the
 attention masks that exclude padding (BERT-family encoders, decoders with right padding) that is what the full
 model computes too, so float32 caches reproduce training without the cache up to float rounding; bfloat16
 (8 bits of mantissa) and float16 caches halve memory at a relative error of about 4e-3 and 5e-4 per value.
+
+On disk (``cache_dir``) the cache is keyed by everything the states depend on: the frozen tensors (and their
+dtypes), the model's config (``hidden_act``, ``layer_norm_eps``, the attention implementation, ...), the boundary,
+the storage dtype, and the tokenised inputs of every row (hashed from the Arrow columns of a ``datasets.Dataset``,
+remembered per process by the dataset's ``_fingerprint``; row by row for other datasets). A cache folder is written
+under a temporary name and renamed into place, never rewritten in place (a run that has it memory-mapped keeps a
+valid mapping). A file lock per key makes concurrent runs build it once; the others wait and load it. Every file's
+size and xxh3-128 checksum are recorded at build and verified on load: a zeroed, bit-flipped or truncated cache is
+rebuilt with a warning, never used. ``hf-wb cache list|clear DIR`` shows and removes cache folders.
 """
 
 from __future__ import annotations
@@ -27,9 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import types
-import warnings
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,13 +50,31 @@ from torch import nn
 
 from hf_wb.layers import EMBEDDINGS, LayerMap, unit_name, unwrap_model
 
-__all__ = ["INDEX_COLUMN", "PrefixCache", "CacheUnsupported", "cache_boundary", "prefix_fingerprint"]
+__all__ = [
+    "INDEX_COLUMN",
+    "CacheUnsupported",
+    "PrefixCache",
+    "cache_boundary",
+    "clear_cache_dir",
+    "data_fingerprint",
+    "list_cache_dir",
+    "prefix_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMN = "hf_wb_index"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NP_STORAGE = {"float32": np.float32, "bfloat16": np.int16, "float16": np.float16}  # bf16 bits stored as int16
+FORMAT = "hf_wb-prefix-cache-2"  # written into meta.json; a folder with another format is rebuilt, not read
+_FILES = ("states.npy", "offsets.npy")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+# config entries that name or label the model but do not change what its frozen blocks compute
+_CONFIG_NAMES_ONLY = frozenset(
+    {"_name_or_path", "_commit_hash", "transformers_version", "architectures", "id2label", "label2id"}
+    | {"finetuning_task", "problem_type"}
+)
 
 
 class CacheUnsupported(ValueError):
@@ -91,33 +119,119 @@ def cache_boundary(model: nn.Module, lmap: LayerMap) -> _Boundary:
 
 
 def prefix_fingerprint(model: nn.Module, lmap: LayerMap, boundary: _Boundary, dtype: str) -> str:
-    """Hash of everything the cached states depend on in the model: the frozen tensors, the boundary, the dtype."""
+    """Hash of everything the cached states depend on in the model: the frozen tensors (values and dtypes), the
+    model's config (minus names and label maps), the attention implementation, the boundary, the storage dtype."""
     model = unwrap_model(model)
     h = hashlib.sha256()
-    h.update(json.dumps([type(model).__name__, boundary.stack, boundary.frozen_blocks, dtype]).encode())
+    h.update(json.dumps([FORMAT, type(model).__name__, boundary.stack, boundary.frozen_blocks, dtype]).encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        values = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NAMES_ONLY}
+        values["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+        h.update(json.dumps(values, sort_keys=True, default=repr).encode())
     frozen_units = {unit_name(boundary.stack, EMBEDDINGS, None)} | {
         unit_name(boundary.stack, "block", i) for i in range(boundary.frozen_blocks)
     }
     named = dict(model.named_parameters())
     for name in lmap.params:
         if lmap.unit(name) in frozen_units:
-            h.update(name.encode())
-            h.update(named[name].detach().float().cpu().numpy().tobytes())
+            tensor = named[name].detach()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.float().cpu().numpy().tobytes())
     for name, buf in model.named_buffers():  # position ids, token type ids
         if lmap.module_units.get(name.rsplit(".", 1)[0], (None, None, None))[1] == EMBEDDINGS:
-            h.update(name.encode())
+            h.update(f"{name}:{buf.dtype}:{tuple(buf.shape)}".encode())
             h.update(buf.detach().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def data_fingerprint(rows: Iterable[dict[str, Any]], columns: tuple[str, ...]) -> str:
+_DATASET_DIGESTS: dict[tuple[str, tuple[str, ...]], str] = {}  # (datasets fingerprint, columns) -> content digest
+
+
+def data_fingerprint(sources: list[Any], columns: tuple[str, ...] = ("input_ids",)) -> str:
+    """Hash of the model inputs (``columns``) of every row of ``sources``, in order.
+
+    A ``datasets.Dataset`` is hashed from its Arrow columns in bulk (no Python loop over rows), and the result is
+    remembered for the process by the dataset's ``_fingerprint`` (which ``datasets`` changes with every transform):
+    the unfreeze stages and evaluation passes of a run hash each dataset once. Its fingerprint itself is not the key:
+    for in-memory datasets (``Dataset.from_dict``) it is random, so two runs or two ranks would never agree. Other
+    datasets (``torch.utils.data.Dataset``, a dataset with a custom transform) are hashed row by row through
+    ``source[i]``: slower, and correct.
+    """
     h = hashlib.sha256()
-    for row in rows:
+    h.update(json.dumps([FORMAT, list(columns)]).encode())
+    for src in sources:
+        h.update(f"source:{len(src)}|".encode())
+        h.update(_source_digest(src, columns).encode())
+    return h.hexdigest()[:16]
+
+
+def _source_digest(src: Any, columns: tuple[str, ...]) -> str:
+    fingerprint = _arrow_fingerprint(src)
+    if fingerprint is None:
+        return _rows_digest(src, columns)
+    memo = (fingerprint, columns)
+    if memo not in _DATASET_DIGESTS:
+        if len(_DATASET_DIGESTS) > 256:
+            _DATASET_DIGESTS.clear()
+        _DATASET_DIGESTS[memo] = _arrow_digest(src, columns)
+    return _DATASET_DIGESTS[memo]
+
+
+def _arrow_fingerprint(src: Any) -> str | None:
+    """The ``_fingerprint`` of a ``datasets.Dataset`` whose rows are its Arrow data (no custom transform), or None."""
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return None
+    if not isinstance(src, Dataset) or getattr(src, "_format_type", None) == "custom":
+        return None
+    return getattr(src, "_fingerprint", None)
+
+
+def _arrow_digest(src: Any, columns: tuple[str, ...]) -> str:
+    import xxhash
+
+    present = [c for c in columns if c in src.column_names]
+    table = src.with_format("arrow", columns=present)[:] if len(src) else None
+    h = xxhash.xxh3_128()
+    h.update(b"arrow")
+    for name in present:
+        h.update(f"|column:{name}|".encode())
+        if table is not None:
+            for chunk in table.column(name).chunks:
+                _hash_arrow_array(h, chunk)
+    return "a" + h.hexdigest()
+
+
+def _hash_arrow_array(h: Any, array: Any) -> None:
+    import pyarrow as pa
+
+    h.update(f"<{array.type}:{len(array)}:{array.null_count}>".encode())
+    if array.null_count:
+        h.update(np.asarray(array.is_null().to_numpy(zero_copy_only=False)).tobytes())
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        offsets = np.asarray(array.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+        h.update((offsets - offsets[0]).tobytes())
+        _hash_arrow_array(h, array.flatten())
+    elif pa.types.is_fixed_size_list(array.type):
+        _hash_arrow_array(h, array.flatten())
+    else:
+        values = array.to_numpy(zero_copy_only=False)
+        h.update(np.ascontiguousarray(values).tobytes() if values.dtype != object else repr(values.tolist()).encode())
+
+
+def _rows_digest(src: Any, columns: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for i in range(len(src)):
+        row = src[i]
         for c in columns:
             if c in row:
-                h.update(np.asarray(row[c]).tobytes())
-        h.update(b"|")
-    return h.hexdigest()[:16]
+                value = np.asarray(row[c].cpu() if isinstance(row[c], torch.Tensor) else row[c])
+                h.update(f"{c}:{value.dtype.str}:{value.shape}|".encode())
+                h.update(np.ascontiguousarray(value).tobytes())
+        h.update(b"\n")
+    return "r" + h.hexdigest()
 
 
 class PrefixCache:
@@ -146,7 +260,7 @@ class PrefixCache:
         self._installed: list[nn.Module] = []
         self._tuple_len = 0
         self._rows: list[torch.Tensor | None] | None = None  # lazy mode: filled as the first epoch runs
-        self.stats = {"built": 0, "build_seconds": 0.0, "served_batches": 0}
+        self.stats = {"built": 0, "build_seconds": 0.0, "served_batches": 0, "loaded": 0, "verify_seconds": 0.0}
 
     # ----- building --------------------------------------------------------------------------------------------
     @property
@@ -167,7 +281,9 @@ class PrefixCache:
         """Run the frozen prefix over every example of ``sources`` (datasets of tokenised rows) and store the states.
 
         Rows get global cache indices in order: source 0's rows first, then source 1's... Returns each source's
-        offset (the index of its first row). Reuses a memory-mapped cache in ``cache_dir`` with the same key.
+        offset (the index of its first row). Reuses a memory-mapped cache in ``cache_dir`` with the same key once
+        its checksums match; builds it under a file lock otherwise (concurrent runs build it once: the others wait,
+        then load it), writing it under a temporary name renamed into place.
 
         With ``lazy=True`` (in memory only) nothing is computed now: the first time a batch's rows pass through the
         model, the full forward runs and the boundary's states are recorded; later batches of recorded rows are
@@ -180,15 +296,15 @@ class PrefixCache:
             starts.append(total)
             total += len(src)
         model_key = prefix_fingerprint(self.model, self.lmap, self.boundary, self.dtype)
-        data_key = data_fingerprint((row for src in sources for row in _rows(src)), columns)
+        data_key = data_fingerprint(sources, columns)
         key = f"{model_key}-{data_key}"
         if key == self.key:
             return starts
-        if self.cache_dir and self._load(key, total):
-            logger.info("hf_wb prefix cache: reusing %s", os.path.join(self.cache_dir, key))
-            return starts
         if self.key is not None:
             logger.info("hf_wb prefix cache: weights, boundary or data changed; rebuilding")
+        if self.cache_dir:
+            self._build_on_disk(key, total, sources, collate, batch_size, device, progress)
+            return starts
         if lazy and not self.cache_dir:
             probe = [{k: v for k, v in row.items() if k in _MODEL_INPUTS} for row in _head(sources[0], batch_size)]
             if probe:  # the collator must pad on the right (checked now, not in the middle of training)
@@ -204,9 +320,26 @@ class PrefixCache:
         self.stats["built"] += 1
         self.stats["build_seconds"] += time.perf_counter() - started
         self.key = key
-        if self.cache_dir:
-            self._save(key)
         return starts
+
+    def _build_on_disk(self, key, total, sources, collate, batch_size, device, progress) -> None:
+        from filelock import FileLock
+
+        if self._load(key, total, warn=False):
+            return
+        os.makedirs(self.cache_dir, exist_ok=True)
+        with FileLock(os.path.join(self.cache_dir, f"{key}.lock")):
+            if self._load(key, total, warn=True):  # another process built it while this one waited
+                return
+            self._rows = None
+            started = time.perf_counter()
+            self._compute(sources, collate, batch_size, device, total, progress)
+            self.stats["built"] += 1
+            self.stats["build_seconds"] += time.perf_counter() - started
+            self._save(key)
+        if not self._load(key, total, warn=True):  # serve from the memory map from now on
+            raise RuntimeError(f"hf_wb prefix cache: the cache just written to {self._paths(key)[0]} does not verify.")
+        self.stats["loaded"] -= 1  # that load was of this process's own build
 
     def _compute(self, sources, collate, batch_size, device, total, progress) -> None:
         from tqdm.auto import tqdm
@@ -268,34 +401,70 @@ class PrefixCache:
         return folder, os.path.join(folder, "states.npy"), os.path.join(folder, "meta.json")
 
     def _save(self, key: str) -> None:
-        folder, states, meta = self._paths(key)
-        os.makedirs(folder, exist_ok=True)
-        array = self.storage.view(torch.int16) if self.dtype == "bfloat16" else self.storage
-        np.save(states, array.numpy())
-        np.save(os.path.join(folder, "offsets.npy"), self.offsets)
-        with open(meta, "w", encoding="utf-8") as f:
-            json.dump(
-                {"key": key, "dtype": self.dtype, "examples": self.num_examples, "tuple_len": self._tuple_len}, f
-            )
-        self._load(key, self.num_examples)  # serve from the memory map from now on
+        """Write the cache into a temporary folder, then rename it into place (never rewriting a file in place)."""
+        folder = self._paths(key)[0]
+        tmp = os.path.join(self.cache_dir, f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
+        try:
+            array = self.storage.view(torch.int16) if self.dtype == "bfloat16" else self.storage
+            files = {}
+            for name, value in (("states.npy", array.numpy()), ("offsets.npy", self.offsets)):
+                path = os.path.join(tmp, name)
+                with open(path, "wb") as f:
+                    np.save(f, value)
+                    f.flush()
+                    os.fsync(f.fileno())
+                files[name] = {"bytes": os.path.getsize(path), "xxh3_128": _file_digest(path)[0]}
+            meta = {
+                "format": FORMAT,
+                "key": key,
+                "dtype": self.dtype,
+                "examples": self.num_examples,
+                "tokens": int(self.offsets[-1]),
+                "hidden_size": int(self.storage.shape[-1]) if self.storage.dim() == 2 else 0,
+                "tuple_len": self._tuple_len,
+                "model": type(self.model).__name__,
+                "name_or_path": str(getattr(getattr(self.model, "config", None), "_name_or_path", "")),
+                "frozen_blocks": self.boundary.frozen_blocks,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files,
+            }
+            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            old = None
+            if os.path.lexists(folder):  # a corrupt or foreign folder under this key: move it aside, never overwrite
+                old = os.path.join(self.cache_dir, f"{_OLD_PREFIX}{key}-{uuid.uuid4().hex[:8]}")
+                os.rename(folder, old)
+            os.rename(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:  # a run that has its files memory-mapped keeps them (the inodes live until unmapped)
+            shutil.rmtree(old, ignore_errors=True)
 
-    def _load(self, key: str, total: int) -> bool:
-        folder, states, meta = self._paths(key)
-        if not os.path.isfile(meta):
+    def _load(self, key: str, total: int, warn: bool = True) -> bool:
+        """Memory-map the cache of ``key`` if it is there and verifies; False (with a warning if ``warn``) if not."""
+        folder, states_path, meta_path = self._paths(key)
+        if not os.path.isdir(folder):
             return False
-        with open(meta, encoding="utf-8") as f:
-            info = json.load(f)
-        if info.get("key") != key or info.get("examples") != total or info.get("dtype") != self.dtype:
+        started = time.perf_counter()
+        try:
+            storage, offsets, info = _open_verified(folder, key, total, self.dtype)
+        except _Corrupt as exc:
+            if warn:
+                logger.warning("hf_wb prefix cache: %s is not usable (%s); rebuilding it.", folder, exc)
             return False
-        array = np.load(states, mmap_mode="r")
-        with warnings.catch_warnings():  # read-only by design: the cache is never written through this view
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(np.asarray(array))  # shares the memory map
-        self.storage = tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
-        self.offsets = np.load(os.path.join(folder, "offsets.npy"))
+        self.stats["verify_seconds"] += time.perf_counter() - started
+        self.storage = storage.view(torch.bfloat16) if self.dtype == "bfloat16" else storage
+        self.offsets = offsets
         self.num_examples = total
         self._tuple_len = int(info.get("tuple_len", 0))
+        self._rows = None
         self.key = key
+        self.stats["loaded"] += 1
+        logger.info("hf_wb prefix cache: reusing %s (checksums verified)", folder)
         return True
 
     # ----- serving ---------------------------------------------------------------------------------------------
@@ -402,3 +571,192 @@ def _check_right_padding(mask: torch.Tensor) -> None:
             "The frozen-prefix cache needs right padding (tokenizer.padding_side='right'): with left padding the "
             "positions of an example's tokens depend on the batch it lands in."
         )
+
+
+# ----- files on disk -------------------------------------------------------------------------------------------
+class _Corrupt(Exception):
+    """A cache folder that must not be used: why."""
+
+
+def _file_digest(path: str, f: Any = None) -> tuple[str, int]:
+    """xxh3-128 of a file's bytes and its size (read in 16 MiB chunks; ``f``: an open binary file to read instead)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    size = 0
+    buffer = bytearray(16 * 2**20)
+    view = memoryview(buffer)
+    with contextlib.ExitStack() as stack:
+        if f is None:
+            f = stack.enter_context(open(path, "rb"))
+        f.seek(0)
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+def _read_meta(folder: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise _Corrupt("meta.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise _Corrupt(f"meta.json is unreadable: {exc}") from None
+    if not isinstance(info, dict):
+        raise _Corrupt("meta.json does not hold an object")
+    return info
+
+
+def _open_verified(folder: str, key: str, total: int, dtype: str) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
+    """Check a cache folder's meta data, sizes and checksums, and memory-map its states; :class:`_Corrupt` if not."""
+    info = _read_meta(folder)
+    if info.get("format") != FORMAT:
+        raise _Corrupt(f"written in format {info.get('format')!r}, this hf_wb reads {FORMAT!r}")
+    expected = {"key": key, "examples": total, "dtype": dtype}
+    for name, value in expected.items():
+        if info.get(name) != value:
+            raise _Corrupt(f"meta.json records {name}={info.get(name)!r}, expected {value!r}")
+    files = info.get("files")
+    if not isinstance(files, dict) or set(files) != set(_FILES):
+        raise _Corrupt("meta.json records no checksums")
+    # offsets: small, read whole
+    path = os.path.join(folder, "offsets.npy")
+    try:
+        with open(path, "rb") as f:
+            digest, size = _file_digest(path, f)
+            _check_file("offsets.npy", files["offsets.npy"], digest, size)
+            f.seek(0)
+            offsets = np.load(f)
+    except OSError as exc:
+        raise _Corrupt(f"offsets.npy is unreadable: {exc}") from None
+    if offsets.shape != (total + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise _Corrupt("offsets.npy does not describe the examples")
+    # states: verified, then memory-mapped from the same open file (a file renamed over it later is not seen)
+    path = os.path.join(folder, "states.npy")
+    try:
+        with open(path, "rb") as f:
+            digest, size = _file_digest(path, f)
+            _check_file("states.npy", files["states.npy"], digest, size)
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise _Corrupt(f"states.npy has .npy format version {version}")
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, np_dtype = read_header(f)
+            if np_dtype != np.dtype(_NP_STORAGE[dtype]) or fortran or len(shape) != 2 or shape[0] != offsets[-1]:
+                raise _Corrupt(f"states.npy holds {np_dtype} {shape}, not the {dtype} states the offsets describe")
+            array = np.memmap(f, dtype=np_dtype, mode="r", shape=shape, offset=f.tell()) if shape[0] else None
+    except OSError as exc:
+        raise _Corrupt(f"states.npy is unreadable: {exc}") from None
+    except ValueError as exc:  # a header numpy cannot parse
+        raise _Corrupt(f"states.npy is not a .npy file: {exc}") from None
+    if array is None:  # no tokens at all: nothing to map
+        return torch.from_numpy(np.zeros(shape, np_dtype)), offsets, info
+    import warnings
+
+    with warnings.catch_warnings():  # read-only by design: the cache is never written through this view
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(np.asarray(array))  # shares the memory map
+    return tensor, offsets, info
+
+
+def _check_file(name: str, recorded: Any, digest: str, size: int) -> None:
+    if not isinstance(recorded, dict):
+        raise _Corrupt(f"meta.json records no checksum for {name}")
+    if recorded.get("bytes") != size:
+        raise _Corrupt(f"{name} has {size} bytes, {recorded.get('bytes')} were written (truncated or overwritten)")
+    if recorded.get("xxh3_128") != digest:
+        raise _Corrupt(f"{name} does not match its checksum (the bytes changed on disk since it was written)")
+
+
+def _is_cache_name(name: str) -> bool:
+    parts = name.split("-")
+    return len(parts) == 2 and all(len(p) == 16 and all(c in "0123456789abcdef" for c in p) for p in parts)
+
+
+def list_cache_dir(cache_dir: str | os.PathLike, verify: bool = False) -> list[dict[str, Any]]:
+    """The prefix caches in ``cache_dir``: one dict per folder (``key``, ``status``, ``bytes``, and the meta data:
+    ``model``, ``examples``, ``tokens``, ``dtype``, ``frozen_blocks``, ``created``).
+
+    ``status`` is ``ok`` (meta data and file sizes match; with ``verify=True`` the checksums too), ``corrupt: why``
+    (the next run rebuilds it), or ``incomplete`` (a temporary folder a killed build left behind).
+    """
+    cache_dir = str(cache_dir)
+    out = []
+    if not os.path.isdir(cache_dir):
+        raise FileNotFoundError(f"{cache_dir} is not a folder.")
+    for name in sorted(os.listdir(cache_dir)):
+        folder = os.path.join(cache_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+        if name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+            out.append({"key": name, "status": "incomplete", "bytes": size, "path": folder})
+            continue
+        if not _is_cache_name(name):
+            continue
+        entry: dict[str, Any] = {"key": name, "bytes": size, "path": folder}
+        try:
+            info = _read_meta(folder)
+            entry.update(
+                {k: info.get(k) for k in ("model", "examples", "tokens", "dtype", "frozen_blocks", "created")}
+            )
+            entry["name_or_path"] = info.get("name_or_path")
+            if verify:
+                _open_verified(folder, name, int(info.get("examples", -1)), str(info.get("dtype")))
+            else:
+                files = info.get("files") or {}
+                if info.get("format") != FORMAT or set(files) != set(_FILES):
+                    raise _Corrupt("not written by this hf_wb version")
+                for file, recorded in files.items():
+                    path = os.path.join(folder, file)
+                    if not os.path.isfile(path) or os.path.getsize(path) != recorded.get("bytes"):
+                        raise _Corrupt(f"{file} is missing or has the wrong size")
+            entry["status"] = "ok"
+        except _Corrupt as exc:
+            entry["status"] = f"corrupt: {exc}"
+        out.append(entry)
+    return out
+
+
+def clear_cache_dir(cache_dir: str | os.PathLike, keys: Iterable[str] | None = None) -> list[str]:
+    """Remove prefix cache folders from ``cache_dir`` (all of them, or those whose key is in ``keys``); returns the
+    removed paths. Only folders hf_wb writes are touched (``<16 hex>-<16 hex>``, temporary ``.tmp-`` / ``.old-``
+    folders and their ``.lock`` files); a cache that a process is building (its lock is held) is skipped with a
+    warning. A run that has a removed cache memory-mapped keeps reading it (the files live until it unmaps them).
+    """
+    from filelock import FileLock, Timeout
+
+    wanted = set(keys) if keys is not None else None
+    removed = []
+    for entry in list_cache_dir(cache_dir):
+        name = entry["key"]
+        base = name if _is_cache_name(name) else None
+        if wanted is not None and name not in wanted:
+            continue
+        lock_path = os.path.join(str(cache_dir), f"{base}.lock") if base else None
+        if base:
+            lock = FileLock(lock_path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                logger.warning("hf_wb prefix cache: %s is being built by another process; not removed.", name)
+                continue
+            try:
+                shutil.rmtree(entry["path"])
+            finally:
+                lock.release()
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
+        else:
+            shutil.rmtree(entry["path"], ignore_errors=True)
+        removed.append(entry["path"])
+    if wanted is not None:
+        missing = wanted - {os.path.basename(p) for p in removed}
+        if missing:
+            logger.warning("hf_wb prefix cache: no cache %s in %s", sorted(missing), cache_dir)
+    return removed

@@ -418,14 +418,17 @@ class WBTrainer(Trainer):
             self._teardown_prefix_cache()
             return
         sources = self._cache_sources()
-        starts = cache.build(
-            sources,
-            self.data_collator,
-            batch_size=self.args.per_device_eval_batch_size,
-            device=self.args.device,
-            progress=not self.args.disable_tqdm and self.is_local_process_zero(),
-            lazy=not self.wb_config.cache_dir,  # in memory: record during the first epoch, no separate build pass
-        )
+        # on disk under DDP: the local main process builds, the other ranks wait for it and load its files
+        first = self.args.main_process_first(local=True, desc="hf_wb prefix cache")
+        with first if self.wb_config.cache_dir else contextlib.nullcontext():
+            starts = cache.build(
+                sources,
+                self.data_collator,
+                batch_size=self.args.per_device_eval_batch_size,
+                device=self.args.device,
+                progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+                lazy=not self.wb_config.cache_dir,  # in memory: record during the first epoch, no separate build pass
+            )
         indexed = [_with_index(src, start) for src, start in zip(sources, starts, strict=True)]
         self.train_dataset = indexed[0]
         _, evals = self._wb_original_datasets

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
+from conftest import REPO
 
 from hf_wb import WBConfig
 from hf_wb.glue import GLUE_TASKS, load_glue
@@ -209,3 +215,191 @@ def test_hub_splits_are_checked_too(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: bad.select([]))
     with pytest.raises(ValueError, match=r"split 'train'\) holds no examples"):
         load_glue("stsb", splits=["train"])
+
+
+# ----- on-disk prefix cache -------------------------------------------------------------------------------------
+def _disk_cache(cache_dir, model=None, dtype="float32"):
+    from conftest import tiny_model
+
+    from hf_wb import freeze, layer_map
+    from hf_wb.prefix_cache import PrefixCache
+
+    model = model if model is not None else tiny_model("bert", 4)
+    freeze(model, WBConfig(top_layers=2))
+    return PrefixCache(model, layer_map(model), dtype, str(cache_dir))
+
+
+def _build(cache, n=12):
+    from test_prefix_cache import Pad, varlen_dataset
+
+    cache.build([varlen_dataset(n)], Pad(), progress=False)
+    return cache
+
+
+def _zero(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # one bit in the last value: a NaN or a wrong number, still a valid .npy
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+@pytest.mark.parametrize("damage", [_zero, _flip, _truncate], ids=["zeroed", "bit-flipped", "truncated"])
+@pytest.mark.parametrize("file", ["states.npy", "offsets.npy", "meta.json"])
+def test_corrupt_disk_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage, file):
+    # before: a zeroed or bit-flipped states.npy was reused and training came out wrong; a truncated one gave a
+    # raw `mmap length` traceback
+    first = _build(_disk_cache(tmp_path / "c"))
+    exact = first.storage.clone()
+    damage(tmp_path / "c" / first.key / file)
+    caplog.set_level(logging.WARNING, logger="hf_wb")
+    second = _build(_disk_cache(tmp_path / "c"))
+    assert second.key == first.key and second.stats["built"] == 1 and second.stats["loaded"] == 0
+    assert any("is not usable" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert torch.equal(second.storage, exact)
+    third = _build(_disk_cache(tmp_path / "c"))  # the rebuilt cache is sound: reused as is
+    assert third.stats == {**third.stats, "built": 0, "loaded": 1} and torch.equal(third.storage, exact)
+
+
+def test_sound_disk_cache_is_reused_without_warning(tmp_path, caplog):
+    first = _build(_disk_cache(tmp_path / "c", dtype="bfloat16"))
+    caplog.set_level(logging.WARNING, logger="hf_wb")
+    second = _build(_disk_cache(tmp_path / "c", dtype="bfloat16"))
+    assert second.stats["built"] == 0 and second.stats["loaded"] == 1 and not caplog.records
+    assert second.storage.dtype == torch.bfloat16 and torch.equal(second.storage, first.storage)
+
+
+def test_changed_model_config_misses_the_cache(tmp_path):
+    # before: the key covered weights, boundary, dtype and data, not the config: gelu -> relu reused stale states
+    from conftest import tiny_model
+
+    gelu = _build(_disk_cache(tmp_path / "c", tiny_model("bert", 4, hidden_act="gelu")))
+    relu = _build(_disk_cache(tmp_path / "c", tiny_model("bert", 4, hidden_act="relu")))
+    assert relu.key != gelu.key and relu.stats["built"] == 1 and relu.stats["loaded"] == 0
+    assert not torch.equal(relu.storage, gelu.storage)
+    same = _build(_disk_cache(tmp_path / "c", tiny_model("bert", 4, hidden_act="gelu")))
+    assert same.key == gelu.key and same.stats["loaded"] == 1
+
+
+def test_rebuild_never_rewrites_a_file_in_place(tmp_path):
+    # before: the files were rewritten in place while another run had them memory-mapped (that run died of SIGBUS)
+    reader = _build(_disk_cache(tmp_path / "c"))
+    served = reader.storage.clone()
+    states = tmp_path / "c" / reader.key / "states.npy"
+    inode = states.stat().st_ino
+    meta = tmp_path / "c" / reader.key / "meta.json"
+    info = json.loads(meta.read_text())
+    info["files"]["states.npy"]["xxh3_128"] = "0" * 32  # the rebuild below must replace this folder
+    meta.write_text(json.dumps(info))
+    writer = _build(_disk_cache(tmp_path / "c"))
+    assert writer.stats["built"] == 1
+    assert states.stat().st_ino != inode  # a new file renamed into place
+    assert torch.equal(reader.storage, served)  # the first run's memory map still reads its own, intact bytes
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir()] == [reader.key]  # no temporary folder left
+
+
+def test_two_concurrent_processes_build_once(tmp_path):
+    # before: two runs sharing a folder both built the cache (and wrote the same files)
+    script = REPO / "tests" / "scripts" / "cache_build.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    (tmp_path / "sync").mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "c"), str(tmp_path / "sync"), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    results = [json.loads((tmp_path / "sync" / f"result-{i}.json").read_text()) for i in range(2)]
+    assert sorted(r["stats"]["built"] for r in results) == [0, 1]
+    assert sorted(r["stats"]["loaded"] for r in results) == [0, 1]
+    assert results[0]["key"] == results[1]["key"] and results[0]["first"] == results[1]["first"]
+
+
+def test_ddp_only_rank_0_builds_the_disk_cache(tmp_path):
+    # before: under DDP every rank computed and wrote the same file
+    script = REPO / "tests" / "scripts" / "ddp_cache.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run([*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["built"] == 1 and ranks[0]["loaded"] == 0
+    assert ranks[1]["built"] == 0 and ranks[1]["loaded"] == 1
+    assert ranks[0]["examples"] == ranks[1]["examples"] == 16
+
+
+def test_data_key_is_the_inputs_content_hashed_once_per_dataset(monkeypatch):
+    # before: every row was hashed in a Python loop, at every unfreeze stage and on every rank
+    from test_prefix_cache import varlen_dataset
+
+    from hf_wb import prefix_cache
+    from hf_wb.prefix_cache import data_fingerprint
+
+    a, b = varlen_dataset(20), varlen_dataset(20)
+    calls = []
+    digest = prefix_cache._arrow_digest
+    monkeypatch.setattr(prefix_cache, "_arrow_digest", lambda *args: calls.append(1) or digest(*args))
+    key = data_fingerprint([a])
+    assert data_fingerprint([a]) == key and len(calls) == 1  # remembered by the dataset's fingerprint
+    assert data_fingerprint([b]) == key  # built separately, same content: same key (other runs, other ranks)
+    monkeypatch.setattr(prefix_cache, "_arrow_digest", digest)
+    assert data_fingerprint([a.remove_columns("labels")]) == key  # only the model inputs count
+    assert data_fingerprint([a]) != data_fingerprint([varlen_dataset(20, seed=1)])
+    assert data_fingerprint([a.select(range(19))]) != data_fingerprint([a])
+    assert data_fingerprint([a.select([1, 0, *range(2, 20)])]) != data_fingerprint([a])  # row order counts
+    assert data_fingerprint([a.select(range(10)), a.select(range(10, 20))]) != data_fingerprint([a])
+    changed = a.map(lambda row, i: {"input_ids": row["input_ids"][:-1] + [7]} if i == 5 else row, with_indices=True)
+    assert data_fingerprint([changed]) != data_fingerprint([a])
+
+
+def test_plain_torch_dataset_key_is_correct():
+    from hf_wb.prefix_cache import data_fingerprint
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    one = Rows([{"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1])}])
+    moved = Rows([{"input_ids": torch.tensor([1, 2, 1]), "attention_mask": torch.tensor([1])}])  # same bytes, shifted
+    assert data_fingerprint([one], ("input_ids", "attention_mask")) != data_fingerprint(
+        [moved], ("input_ids", "attention_mask")
+    )
+    same = Rows([{"input_ids": [1, 2], "attention_mask": [1, 1]}])
+    assert data_fingerprint([same], ("input_ids", "attention_mask")) == data_fingerprint(
+        [one], ("input_ids", "attention_mask")
+    )
+
+
+def test_cache_list_and_clear_command(tmp_path, capsys):
+    from hf_wb.cli import main
+
+    kept = _build(_disk_cache(tmp_path / "c"))
+    other = _build(_disk_cache(tmp_path / "c"), n=8)
+    (tmp_path / "c" / "unrelated").mkdir()
+    _zero(tmp_path / "c" / other.key / "states.npy")
+    assert main(["cache", "list", str(tmp_path / "c"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert kept.key in out and other.key in out and "corrupt" in out and "unrelated" not in out
+    assert main(["cache", "clear", str(tmp_path / "c"), other.key]) == 0
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir()) == [kept.key, "unrelated"]
+    assert main(["cache", "clear", str(tmp_path / "c")]) == 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["unrelated"]
