@@ -1,22 +1,29 @@
 """Which stack, role and depth every parameter of a model belongs to.
 
 The layer map is the foundation of the recipe: param groups, freezing, histograms and the frozen-prefix cache all
-read it. It is computed from the model's own structure:
+read it. It is computed from the model's own structure, never from the order in which parameters are registered (a
+task model may register its head before its base model: XLM-RoBERTa's ``classifier`` comes before ``roberta``):
 
-1. the repeated transformer blocks are the ``nn.ModuleList`` whose items all have one class (preferring classes named
-   in the model's ``_no_split_modules``); nested lists inside a block are ignored, so each stack is the outermost one;
-2. an encoder-decoder has one stack per ``ModuleList`` (``encoder.block`` and ``decoder.block`` in T5), each with
-   its own depth;
-3. a parameter outside every block belongs to the stack whose parent module holds it (``encoder.final_layer_norm``
-   belongs to the encoder), or, outside every stack's parent, to the stack it is registered nearest to;
-4. inside its stack, a parameter registered before the first block, or whose module path mentions ``embed``
-   (BART's ``layernorm_embedding``, DeBERTa's ``rel_embeddings``), is an *embedding*; one registered after the last
-   block (final norm, pooler, classifier, LM head) is the *head*.
+1. the *base model* is the submodule named by the model's ``base_model_prefix`` (``bert``, ``roberta``,
+   ``model``...); a model without one is its own base;
+2. the repeated transformer blocks are the ``nn.ModuleList`` inside the base model whose items all have one class
+   (preferring classes named in the model's ``_no_split_modules``); nested lists inside a block are ignored, so each
+   stack is the outermost one; an encoder-decoder has one stack per ``ModuleList`` (``encoder.block`` and
+   ``decoder.block`` in T5), each with its own depth;
+3. the *embeddings* are the module that ``get_input_embeddings()`` returns, with the ancestors that hold it and no
+   block (BERT's whole ``embeddings`` module), and, beside the blocks, every ``nn.Embedding`` or module whose name
+   says ``embed`` (GPT-2's ``wpe``, BART's ``layernorm_embedding``, DeBERTa's ``rel_embeddings``); a weight shared
+   with the input embeddings (a tied LM head) is an embedding too;
+4. the *head* is everything outside the base model (classifier, score, LM head) and, inside it, what the base model
+   registers after its blocks (final norm, pooler); a module beside the blocks registered before them (GPT-2's
+   embedding dropout) goes with the embeddings. Outside every stack's parent module, a head belongs to the last
+   stack and an embedding to the first.
 
 ``layers_pattern`` (a regular expression matched against the full or last dotted name of a ``ModuleList``, as PEFT's
-``layers_pattern``) overrides step 1. Tied weights appear once, under the name ``named_parameters()`` gives them first.
-Models whose blocks share weights (ALBERT) are refused: one set of weights serves every depth, so a depth-wise recipe
-cannot be expressed for them.
+``layers_pattern``) overrides step 2. Tied weights appear once, under the name ``named_parameters()`` gives them first.
+Wrappers are seen through: DDP, FSDP, DeepSpeed, ``torch.compile`` and PEFT (``PeftModel``), so the names are those
+of the transformers model inside. Models whose blocks share weights (ALBERT) are refused: one set of weights serves
+every depth, so a depth-wise recipe cannot be expressed for them.
 """
 
 from __future__ import annotations
@@ -27,7 +34,18 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["EMBEDDINGS", "BLOCK", "HEAD", "ParamInfo", "StackInfo", "LayerMap", "layer_map", "unwrap_model"]
+__all__ = [
+    "EMBEDDINGS",
+    "BLOCK",
+    "HEAD",
+    "ParamInfo",
+    "StackInfo",
+    "LayerMap",
+    "layer_map",
+    "unwrap_model",
+    "base_model_name",
+    "input_embedding_module",
+]
 
 EMBEDDINGS = "embeddings"
 BLOCK = "block"
@@ -103,7 +121,7 @@ def unit_name(stack: str, role: str, depth: int | None) -> str:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / FSDP / DataParallel / torch.compile wrappers."""
+    """Strip DDP / FSDP / DataParallel / DeepSpeed / torch.compile / PEFT wrappers: the transformers model inside."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -111,8 +129,43 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             type(model).__name__ in {"FullyShardedDataParallel", "DeepSpeedEngine"} and hasattr(model, "module")
         ):
             model = model.module
+        elif _is_peft_wrapper(model):
+            model = model.base_model
+        elif any(c.__name__ == "BaseTuner" for c in type(model).__mro__) and isinstance(
+            getattr(model, "model", None), nn.Module
+        ):
+            model = model.model  # PEFT's tuner (LoraModel ...) holds the transformers model as `.model`
         else:
             return model
+
+
+def _is_peft_wrapper(model: nn.Module) -> bool:
+    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft") for c in type(model).__mro__) and (
+        isinstance(getattr(model, "base_model", None), nn.Module)
+    )
+
+
+def base_model_name(model: nn.Module) -> str:
+    """Qualified name of the base model inside a task model (``bert``, ``roberta``, ``model``, ``transformer``...),
+    found through ``base_model_prefix``; ``""`` when the model is its own base (a bare encoder, a custom module)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if isinstance(prefix, str) and prefix:
+        module = getattr(model, prefix, None)
+        if isinstance(module, nn.Module) and module is not model:
+            return prefix
+    return ""
+
+
+def input_embedding_module(model: nn.Module) -> nn.Module | None:
+    """What ``model.get_input_embeddings()`` returns, or None when the model has no such method or it fails."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        module = getter()
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+    return module if isinstance(module, nn.Module) else None
 
 
 def _no_split_classes(model: nn.Module) -> set[str]:
@@ -128,8 +181,10 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _candidate_lists(model: nn.Module, layers_pattern: str | None) -> list[tuple[str, nn.ModuleList]]:
+def _candidate_lists(model: nn.Module, layers_pattern: str | None, base: str = "") -> list[tuple[str, nn.ModuleList]]:
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and n]
+    if layers_pattern is None and base and any(_under(n, base) for n, _ in lists):
+        lists = [(n, m) for n, m in lists if _under(n, base)]  # the blocks live in the base model, not in the head
     if layers_pattern is not None:
         regex = re.compile(layers_pattern)
         found = [(n, m) for n, m in lists if regex.fullmatch(n) or regex.fullmatch(n.rsplit(".", 1)[-1])]
@@ -210,7 +265,7 @@ def layer_map(model: nn.Module, layers_pattern: str | None = None) -> LayerMap:
     """Map every named parameter of ``model`` to its stack, role (embeddings / block / head) and block depth.
 
     Args:
-        model: any ``transformers`` model (or ``nn.Module``), wrapped or not.
+        model: any ``transformers`` model (or ``nn.Module``), wrapped or not (DDP, FSDP, DeepSpeed, compile, PEFT).
         layers_pattern: regex for the name (full dotted name or last component) of the ``nn.ModuleList`` holding the
             repeated blocks; overrides automatic discovery.
 
@@ -219,7 +274,8 @@ def layer_map(model: nn.Module, layers_pattern: str | None = None) -> LayerMap:
     """
     model = unwrap_model(model)
     _check_shared_config(model)
-    found = _candidate_lists(model, layers_pattern)
+    base = base_model_name(model)
+    found = _candidate_lists(model, layers_pattern, base)
     if not found:
         raise ValueError(
             f"Could not find a stack of repeated transformer blocks in {type(model).__name__}: no nn.ModuleList of "
@@ -232,45 +288,85 @@ def layer_map(model: nn.Module, layers_pattern: str | None = None) -> LayerMap:
         label: StackInfo(label, name, len(blocks), tuple(f"{name}.{i}" for i in range(len(blocks))))
         for label, (name, blocks) in zip(labels, found, strict=True)
     }
+    first_label, last_label = next(iter(stacks)), list(stacks)[-1]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    embedding_roots = _embedding_roots(model, modules, [s.module_name for s in stacks.values()])
 
-    # Position of each module in registration order; blocks give anchor positions per stack.
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    # Beside the blocks, inside the base model: the base model's own registration order says before / after.
+    order = {name: i for i, name in enumerate(modules)}
     parents = {label: s.module_name.rsplit(".", 1)[0] if "." in s.module_name else "" for label, s in stacks.items()}
-    spans = {
-        label: (order[s.block_names[0]], max(order[n] for n, _ in model.named_modules() if _under(n, s.module_name)))
-        for label, s in stacks.items()
-    }
+    first_block = {label: order[s.block_names[0]] for label, s in stacks.items()}
+
+    def owner(module_name: str, role: str) -> str:
+        owners = [label for label in stacks if parents[label] and _under(module_name, parents[label])]
+        if owners:  # nested parents: the deepest one owns it
+            return max(owners, key=lambda label: len(parents[label]))
+        if role == EMBEDDINGS:
+            return first_label
+        if role == HEAD:
+            return last_label
+        label = first_label  # outside every stack's parent: the last stack registered before it
+        for candidate in stacks:
+            if first_block[candidate] <= order.get(module_name, 0):
+                label = candidate
+        return label
 
     def locate(module_name: str) -> tuple[str, str, int | None]:
         for label, s in stacks.items():
             if _under(module_name, s.module_name) and module_name != s.module_name:
                 depth = int(module_name[len(s.module_name) + 1 :].split(".")[0])
                 return label, BLOCK, depth
-        position = order.get(module_name, 0)
-        owners = [label for label in stacks if parents[label] and _under(module_name, parents[label])]
-        if len(owners) > 1:  # nested parents: the deepest one owns it
-            owners = [max(owners, key=lambda label: len(parents[label]))]
-        if owners:
-            label = owners[0]
-        else:
-            # outside every stack's parent: before the first stack -> its embeddings, else the last stack before it
-            label = next(iter(stacks))
-            for candidate in stacks:
-                if spans[candidate][0] <= position:
-                    label = candidate
-        first, _ = spans[label]
-        if position < first or "embed" in module_name.lower():
+        if any(_under(module_name, root) for root in embedding_roots):
+            return owner(module_name, EMBEDDINGS), EMBEDDINGS, None
+        if base and not _under(module_name, base):
+            return owner(module_name, HEAD), HEAD, None
+        if isinstance(modules.get(module_name), nn.Embedding) or "embed" in module_name.lower():
+            return owner(module_name, EMBEDDINGS), EMBEDDINGS, None
+        label = owner(module_name, "")
+        if order.get(module_name, 0) < first_block[label]:
             return label, EMBEDDINGS, None
         return label, HEAD, None
 
-    module_units = {name: locate(name) for name in order if name}
+    module_units = {name: locate(name) for name in modules if name}
+    tied = _input_embedding_params(model)
     params: dict[str, ParamInfo] = {}
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
         label, role, depth = module_units.get(module_name) or locate(module_name)
+        if id(param) in tied and role != EMBEDDINGS:  # an output layer tied to the input embeddings is one tensor
+            label, role, depth = owner(tied[id(param)], EMBEDDINGS), EMBEDDINGS, None
         params[name] = ParamInfo(name, label, role, depth, param.numel())
     _deberta_rel_norm(model, params)
     return LayerMap(stacks=stacks, params=params, module_units=module_units)
+
+
+def _embedding_roots(model: nn.Module, modules: dict[str, nn.Module], stack_names: list[str]) -> list[str]:
+    """Qualified names of the input embeddings (``get_input_embeddings()``), each raised to its outermost ancestor
+    that holds no block (BERT: ``bert.embeddings``; GPT-2: ``transformer.wte``)."""
+    embeddings = input_embedding_module(model)
+    if embeddings is None:
+        return []
+    roots = []
+    for name, module in modules.items():
+        if module is not embeddings or not name:
+            continue
+        while "." in name:
+            parent = name.rsplit(".", 1)[0]
+            if any(_under(s, parent) for s in stack_names):
+                break
+            name = parent
+        if not any(_under(s, name) for s in stack_names):
+            roots.append(name)
+    return roots
+
+
+def _input_embedding_params(model: nn.Module) -> dict[int, str]:
+    """``id(parameter)`` -> qualified module name, for the parameters of the input embeddings."""
+    embeddings = input_embedding_module(model)
+    if embeddings is None:
+        return {}
+    name = next((n for n, m in model.named_modules() if m is embeddings), "")
+    return {id(p): name for p in embeddings.parameters()}
 
 
 def _deberta_rel_norm(model: nn.Module, params: dict[str, ParamInfo]) -> None:

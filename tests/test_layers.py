@@ -142,3 +142,97 @@ def test_wrapped_model_is_unwrapped():
     model = tiny_model("bert")
     compiled = torch.compile(model, backend="eager")
     assert layer_map(compiled).params.keys() == layer_map(model).params.keys()
+
+
+def _xlm_roberta():
+    config = transformers.XLMRobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    return transformers.XLMRobertaForSequenceClassification(config)
+
+
+def test_head_registered_before_base_model_is_head():
+    """XLM-RoBERTa registers `classifier` before `roberta`: the head is what lies outside the base model, wherever it
+    is registered, so it trains under the default recipe (failure 4 of issue #10: it was mapped as embeddings)."""
+    from hf_wb import WBConfig, freeze
+
+    model = _xlm_roberta()
+    assert [n for n, _ in model.named_children()][0] == "classifier"
+    lmap = layer_map(model)
+    for name in ("classifier.dense.weight", "classifier.out_proj.weight", "classifier.out_proj.bias"):
+        assert lmap.params[name].role == HEAD, name
+    assert lmap.params["roberta.embeddings.word_embeddings.weight"].role == EMBEDDINGS
+    assert lmap.units() == ["embeddings", "block_00", "block_01", "block_02", "block_03", "head"]
+    freeze(model, WBConfig())
+    model.train()
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert model.classifier.training
+    assert not model.roberta.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_head_first_custom_model_with_base_model_prefix():
+    """Any model with `base_model_prefix`: modules outside the base model are head, whatever their order."""
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(10, 8)
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def get_input_embeddings(self):
+            return self.tok
+
+    class Task(nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 2)
+            self.body = Base()
+
+        def get_input_embeddings(self):
+            return self.body.tok
+
+    lmap = layer_map(Task())
+    assert {n: i.role for n, i in lmap.params.items() if not n.startswith("body.layers")} == {
+        "proj.weight": HEAD,
+        "proj.bias": HEAD,
+        "out.weight": HEAD,
+        "out.bias": HEAD,
+        "body.tok.weight": EMBEDDINGS,
+    }
+
+
+def test_tied_output_layer_is_embeddings_whatever_its_name():
+    """A weight shared by the input embeddings and the output layer is one tensor: it takes the embeddings' role,
+    even when `named_parameters()` names it after the LM head (a head registered first)."""
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(10, 8)
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    class LM(nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(8, 10, bias=False)
+            self.body = Base()
+            self.lm_head.weight = self.body.tok.weight
+
+        def get_input_embeddings(self):
+            return self.body.tok
+
+    lmap = layer_map(LM())
+    assert "lm_head.weight" in lmap.params and "body.tok.weight" not in lmap.params
+    assert lmap.params["lm_head.weight"].role == EMBEDDINGS
