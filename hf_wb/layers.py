@@ -177,6 +177,11 @@ def _no_split_classes(model: nn.Module) -> set[str]:
     return names
 
 
+def _module_class(module: nn.Module) -> type:
+    """The module's own class, seen through the eval-pinned subclass that :func:`hf_wb.freezing.pin_eval` swaps in."""
+    return getattr(type(module), "_hf_wb_base", type(module))
+
+
 def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -196,7 +201,9 @@ def _candidate_lists(model: nn.Module, layers_pattern: str | None, base: str = "
             )
         return _outermost(found)
     homogeneous = [
-        (n, m) for n, m in lists if len({type(x) for x in m}) == 1 and _param_count(m) > 0 and not _is_head_list(n)
+        (n, m)
+        for n, m in lists
+        if len({_module_class(x) for x in m}) == 1 and _param_count(m) > 0 and not _is_head_list(n)
     ]
     preferred = _no_split_classes(model)
     chosen = [(n, m) for n, m in homogeneous if type(m[0]).__name__ in preferred]

@@ -1,6 +1,13 @@
+import copy
+import os
+import pickle
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+import transformers
+from conftest import ARCHS, REPO, tiny_model
 
 from hf_wb import WBConfig, freeze, is_eval_pinned, layer_map, plan_freeze, unfreeze
 from hf_wb.freezing import pinnable_modules, unfreeze_units
@@ -119,13 +126,112 @@ def test_nothing_trainable_refused_by_param_groups():
         build_param_groups(model, WBConfig())
 
 
-def test_deepcopy_and_state_dict_unaffected():
-    import copy
-
+def test_state_dict_and_class_names_unaffected_by_pinning():
     model = tiny_model("bert")
     keys = set(model.state_dict())
+    names = [type(m).__name__ for m in model.modules()]
     freeze(model, WBConfig(top_layers=2))
     assert set(model.state_dict()) == keys
-    clone = copy.deepcopy(model)
-    clone.train()
-    assert not clone.bert.embeddings.training and clone.classifier.training
+    assert [type(m).__name__ for m in model.modules()] == names
+    assert isinstance(model.bert.embeddings, transformers.models.bert.modeling_bert.BertEmbeddings)
+    assert all("train" not in m.__dict__ for m in model.modules())  # nothing bound on the instances
+
+
+def _pinned_state(model):
+    return {n: is_eval_pinned(m) for n, m in model.named_modules()}
+
+
+def _assert_same_pinned_model(original, copy_):
+    assert _pinned_state(copy_) == _pinned_state(original)
+    assert any(_pinned_state(copy_).values())
+    copy_.train()  # what the Trainer does every step
+    assert not copy_.bert.embeddings.training and not copy_.bert.encoder.layer[0].training
+    assert copy_.classifier.training and copy_.bert.encoder.layer[3].training
+    assert {n: p.requires_grad for n, p in copy_.named_parameters()} == {
+        n: p.requires_grad for n, p in original.named_parameters()
+    }
+    for a, b in zip(original.parameters(), copy_.parameters(), strict=True):
+        assert torch.equal(a, b)
+    unfreeze(copy_)  # the recorded plan travels with the copy
+    copy_.train()
+    assert all(m.training for m in copy_.modules())
+    assert all(p.requires_grad for p in copy_.parameters())
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_pinned_model_survives_round_trip(how, tmp_path):
+    """Failure 5 of issue #10: a bound method stored on module instances broke pickling of a pinned model."""
+    model = tiny_model("bert")
+    freeze(model, WBConfig(top_layers=2))
+    if how == "pickle":
+        copy_ = pickle.loads(pickle.dumps(model))
+    elif how == "deepcopy":
+        copy_ = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copy_ = torch.load(tmp_path / "model.pt", weights_only=False)
+    _assert_same_pinned_model(model, copy_)
+
+
+def test_pinned_model_loads_in_a_fresh_process(tmp_path):
+    """`torch.load` in a process that never imported hf_wb: unpickling imports it and the copy is pinned."""
+    model = tiny_model("bert")
+    freeze(model, WBConfig(top_layers=2))
+    torch.save(model, tmp_path / "model.pt")
+    code = (
+        "import sys, torch; m = torch.load(sys.argv[1], weights_only=False); m.train(); "
+        "print(int(m.bert.embeddings.training), int(m.bert.encoder.layer[0].training), int(m.classifier.training))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "model.pt")], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["0", "0", "1"]
+
+
+def _requires_grad(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_freeze_only_freezes_and_unfreeze_restores_exactly():
+    """Failure 3 of issue #10: freeze() first made every parameter trainable, un-freezing what the user froze."""
+    model = tiny_model("bert", num_layers=4)
+    model.classifier.bias.requires_grad_(False)  # frozen by the user: in the head, which the recipe trains
+    model.bert.encoder.layer[3].output.dense.weight.requires_grad_(False)  # in a top block
+    before = _requires_grad(model)
+    plan = freeze(model, WBConfig(top_layers=2))
+    after = _requires_grad(model)
+    assert not after["classifier.bias"] and not after["bert.encoder.layer.3.output.dense.weight"]
+    assert all(before[n] for n, g in after.items() if g)  # nothing became trainable
+    assert set(plan.newly_frozen) == {n for n in before if before[n] and not after[n]}
+    unfreeze(model)
+    assert _requires_grad(model) == before
+    model.train()
+    assert all(m.training for m in model.modules()) and not any(_pinned_state(model).values())
+
+
+def test_freeze_twice_gives_second_recipe_and_keeps_user_frozen():
+    model = tiny_model("bert", num_layers=4)
+    model.classifier.bias.requires_grad_(False)
+    before = _requires_grad(model)
+    freeze(model, WBConfig(top_layers=1))
+    plan = freeze(model, WBConfig(top_layers=3))
+    assert plan.frozen_units == ["embeddings", "block_00"]
+    assert model.bert.encoder.layer[1].attention.self.query.weight.requires_grad
+    assert not model.classifier.bias.requires_grad
+    model.train()
+    assert model.bert.encoder.layer[1].training and not model.bert.encoder.layer[0].training
+    unfreeze(model, plan)
+    assert _requires_grad(model) == before
+
+
+def test_unfreeze_units_releases_only_what_freeze_froze():
+    model = tiny_model("bert", num_layers=4)
+    user_frozen = "bert.encoder.layer.1.attention.self.query.weight"
+    model.get_parameter(user_frozen).requires_grad_(False)
+    freeze(model, WBConfig(top_layers=2))
+    lmap = layer_map(model)
+    released = unfreeze_units(model, ["block_01"], lmap)
+    assert len(released) == len(lmap.params_of("", "block", 1)) - 1
+    assert not model.get_parameter(user_frozen).requires_grad
+    assert all(p.requires_grad for n, p in model.bert.encoder.layer[1].named_parameters() if "query.weight" not in n)
