@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import layer_map, unwrap_model
+from .layers import base_model_name, layer_map, unwrap_model
 
 __all__ = [
     "DEFAULT_EPS",
@@ -88,10 +88,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def _base_prefix(model: nn.Module) -> str | None:
     """Qualified name of the base model inside a task model (``bert``, ``roberta``, ``transformer``...), if any."""
-    prefix = getattr(model, "base_model_prefix", None)
-    if prefix and isinstance(getattr(model, prefix, None), nn.Module) and getattr(model, prefix) is not model:
-        return prefix
-    return None
+    return base_model_name(model) or None
 
 
 def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -101,13 +98,23 @@ def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     :func:`hf_wb.layers.layer_map` puts in the ``head`` role (after the last block).
     """
     prefix = _base_prefix(model)
+    # PEFT's ModulesToSaveWrapper keeps a frozen `original_module` beside the copy that trains: skip the former
+    inactive = [f"{n}.original_module" for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
     if prefix is not None:
-        return [(n, m) for n, m in model.named_modules() if n and n != prefix and not n.startswith(prefix + ".")]
+        return [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and n != prefix and not n.startswith(prefix + ".") and not any(_within(n, i) for i in inactive)
+        ]
     try:
         units = layer_map(model).module_units
     except ValueError:
         return [(n, m) for n, m in model.named_modules() if n]
     return [(n, m) for n, m in model.named_modules() if n and units.get(n, ("", "", None))[1] == "head"]
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _num_labels(model: nn.Module) -> int:
