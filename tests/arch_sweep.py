@@ -71,8 +71,10 @@ def shrink(config: PretrainedConfig) -> dict:
     kw: dict = {}
     for keys, value in ((HIDDEN, 32), (FFN, 64), (LAYERS, 4), (HEADS, 2)):
         kw.update({k: value for k in keys if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)})
-    if isinstance(d.get("head_dim"), int):
-        kw["head_dim"] = 16
+    # fields present but None by default, that the modelling code needs as numbers
+    for k, value in (("head_dim", 16), ("num_key_value_heads", 2), ("vocab_size", VOCAB)):
+        if k in d and (d[k] is None or (k == "head_dim" and isinstance(d[k], int))):
+            kw[k] = value
     for k in ("num_experts", "num_local_experts", "n_routed_experts"):
         if isinstance(d.get(k), int) and d[k] > 4:
             kw[k] = 4
