@@ -551,6 +551,18 @@ class PrefixCache:
     def installed(self) -> bool:
         return bool(self._installed)
 
+    # ----- reuse across runs (hyperparameter search) -------------------------------------------------------------
+    def rebind(self, model: nn.Module, lmap: LayerMap) -> None:
+        """Serve a new instance of the same model (a search trial's fresh ``model_init()``) from this cache.
+
+        The stored states stay; the next :meth:`build` recomputes the key from the new model's frozen weights and the
+        data, keeps them when the key is unchanged and rebuilds otherwise, so a changed prefix is never served.
+        """
+        self.uninstall()
+        self.model = unwrap_model(model)
+        self.lmap = lmap
+        self.boundary = cache_boundary(self.model, lmap)
+
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

@@ -8,6 +8,8 @@ What it adds to the Trainer, and where:
 - ``create_optimizer``: the recipe's param groups (:func:`hf_wb.build_param_groups`) with the optimizer class the
   Trainer's own ``get_optimizer_cls_and_kwargs`` picks for ``--optim`` (or LAMB);
 - ``log``: the current LR of every group as ``lr/<group>``, and ``learning_rate`` as the base (x1) rate;
+- ``hyperparameter_search``: the Trainer's API with optuna, trials sharing one prefix cache per frozen boundary
+  (:mod:`hf_wb.tune`; ``train(trial=...)`` applies a trial's recipe fields before the model is made);
 - ``_save_checkpoint`` / ``train(resume_from_checkpoint=...)`` / ``_load_optimizer_and_scheduler``: the recipe and
   the group layout are saved in every checkpoint and checked on resume, since optimizer state is loaded by group
   position: a changed recipe stops with an error that names what changed. They are written before the Trainer's own
@@ -25,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -83,6 +85,9 @@ class WBTrainer(Trainer):
         self.wb_prefix_cache: PrefixCache | None = None
         self._wb_original_datasets: tuple[Any, Any] | None = None
         self.wb_cache_stats: dict[str, Any] = {}
+        # Set by hf_wb.tune during a search: prefix caches kept across trials (one per boundary), and the trial set-up.
+        self.wb_cache_pool: dict[tuple[Any, ...], PrefixCache] | None = None
+        self.wb_search: Any = None
         self.wb_head_summary: dict[str, Any] = {}
         self._wb_labels: Any = None
         self._wb_model_ready: nn.Module | None = None
@@ -276,6 +281,25 @@ class WBTrainer(Trainer):
                     logs.setdefault(f"lr/{group['name'].removesuffix(NO_DECAY_SUFFIX)}", float(group["lr"]))
         super().log(logs, start_time)
 
+    # ----- hyperparameter search ----------------------------------------------------------------------------------
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], float] | None = None,
+        n_trials: int = 20,
+        direction: str = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`Trainer.hyperparameter_search` (optuna) where trials share the frozen-prefix cache; see
+        :func:`hf_wb.tune.hyperparameter_search` for the search space, pruning, resume and the extra ``kwargs``."""
+        from hf_wb.tune import hyperparameter_search
+
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )
+
     # ----- checkpoints and resume -----------------------------------------------------------------------------------
     def wb_state(self) -> dict[str, Any]:
         """What a checkpoint records of the recipe: the group layout (names and sizes, in order) and frozen units."""
@@ -318,6 +342,8 @@ class WBTrainer(Trainer):
         in ``output_dir`` (:func:`hf_wb.checkpoints.resolve_resume`), a path is checked to be complete, and a
         preemption signal ends training with :class:`TrainingPreempted` once the checkpoint is saved."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if self.wb_search is not None:  # a search trial: its recipe and arguments, before the model is made
+            self.wb_search.setup_trial(self, kwargs.get("trial"))
         if self.model_init is not None:
             # The Trainer makes a fresh model inside train(); make it here instead, so that the head recipe and the
             # prefix cache below apply to the model that trains (call_model_init hands it over).
@@ -392,7 +418,7 @@ class WBTrainer(Trainer):
                 self.train_dataset, "__len__"
             ):
                 raise CacheUnsupported("the training set is iterable (no length, no row index to key the cache by).")
-            cache = PrefixCache(self.model, self.wb_layer_map, self.wb_config.cache_dtype, self.wb_config.cache_dir)
+            cache = self._new_or_pooled_cache()
             self._wb_original_datasets = (self.train_dataset, self.eval_dataset)
             self.wb_prefix_cache = cache
             self._rebuild_prefix_cache()
@@ -401,6 +427,21 @@ class WBTrainer(Trainer):
             if mode == "on":
                 raise CacheUnsupported(f"`cache_frozen_prefix`='on' cannot be served: {exc}") from exc
             logger.info("hf_wb prefix cache off ('auto'): %s", exc)
+
+    def _new_or_pooled_cache(self) -> PrefixCache:
+        """A new cache, or (in a search) the one an earlier trial with the same frozen boundary filled."""
+        dtype, folder = self.wb_config.cache_dtype, self.wb_config.cache_dir
+        if self.wb_cache_pool is None:
+            return PrefixCache(self.model, self.wb_layer_map, dtype, folder)
+        boundary = cache_boundary(self.model, self.wb_layer_map)
+        key = (boundary.stack, boundary.frozen_blocks, dtype, folder)
+        cache = self.wb_cache_pool.get(key)
+        if cache is None:
+            cache = self.wb_cache_pool[key] = PrefixCache(self.model, self.wb_layer_map, dtype, folder)
+        else:
+            logger.info("hf_wb prefix cache: reusing an earlier trial's cache (%d frozen blocks)", key[1])
+            cache.rebind(self.model, self.wb_layer_map)
+        return cache
 
     def _cache_sources(self) -> list[Any]:
         train, evals = self._wb_original_datasets

@@ -1,0 +1,162 @@
+"""hf_wb.tune: the search on a shared prefix cache (WBTrainer.hyperparameter_search), the search space rules,
+resume of an interrupted study, and the `hf-wb tune` command end to end on a tiny model."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import cpu_args, tiny_model
+from test_prefix_cache import Pad, varlen_dataset
+
+from hf_wb import WBConfig, WBTrainer
+from hf_wb.tune import default_search_space, is_plain_fine_tuning, top_layers_range
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class PrefixCalls:
+    """model_init that counts the real forward passes of every block, by block index (a hook on each block's
+    attention: the cache's pass-through never reaches it)."""
+
+    def __init__(self, num_layers=4):
+        self.num_layers = num_layers
+        self.trials: list[dict[int, int]] = []
+
+    def __call__(self):
+        model = tiny_model("bert", self.num_layers, seed=0)
+        counts = dict.fromkeys(range(self.num_layers), 0)
+        self.trials.append(counts)
+        for i, layer in enumerate(model.bert.encoder.layer):
+            layer.attention.register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
+        return model
+
+
+def make_trainer(tmp_path, model_init, wb=None, eval_strategy="epoch", **args):
+    wb = wb or WBConfig(top_layers=2, histogram_steps=0, diagnostics=False, bias_prior=False)
+    values = dict(num_train_epochs=1, per_device_train_batch_size=8, per_device_eval_batch_size=8)
+    values.update(args)
+    return WBTrainer(
+        model_init=model_init,
+        args=cpu_args(tmp_path / "out", eval_strategy=eval_strategy, **values),
+        train_dataset=varlen_dataset(32, seed=0),
+        eval_dataset=varlen_dataset(16, seed=1),
+        data_collator=Pad(),
+        wb_config=wb,
+    )
+
+
+def fixed_space(trial):
+    return {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)}
+
+
+def test_trials_share_the_prefix_cache(tmp_path):
+    calls = PrefixCalls()
+    trainer = make_trainer(tmp_path, calls)
+    best = trainer.hyperparameter_search(hp_space=fixed_space, n_trials=3, direction="minimize")
+    trials = calls.trials[1:]  # calls.trials[0]: the model Trainer.__init__ makes
+    assert len(trials) == 3
+    assert trials[0][0] > 0 and trials[0][1] > 0  # trial 0 runs the frozen blocks (recording the cache) ...
+    for counts in trials[1:]:  # ... later trials never do, not even in their first epoch
+        assert counts[0] == 0 and counts[1] == 0
+        assert counts[2] > 0 and counts[3] > 0  # the top blocks train
+    assert best.run_id in {"0", "1", "2"}
+    assert trainer.wb_cache_pool is None and trainer.wb_search is None  # the search cleans up
+
+
+def test_without_sharing_every_trial_runs_the_prefix(tmp_path):
+    calls = PrefixCalls()
+    trainer = make_trainer(tmp_path, calls)
+    trainer.hyperparameter_search(hp_space=fixed_space, n_trials=2, share_prefix_cache=False)
+    assert all(counts[0] > 0 for counts in calls.trials[1:])
+
+
+def test_one_cache_per_boundary_when_top_layers_moves(tmp_path):
+    calls = PrefixCalls()
+    trainer = make_trainer(tmp_path, calls)
+    plan = [1, 2, 1, 2]  # top_layers per trial: blocks 0-2 frozen, then 0-1, then again
+    trainer.hyperparameter_search(hp_space=lambda trial: {"top_layers": plan[trial.number]}, n_trials=4)
+    first = [counts[0] for counts in calls.trials[1:]]
+    assert first[0] > 0 and first[1] > 0  # the first trial at each boundary fills its cache
+    assert first[2] == 0 and first[3] == 0  # later trials at a boundary reuse it
+    assert calls.trials[2][2] > 0 and calls.trials[4][2] > 0  # with 2 top blocks, block 2 trains
+
+
+def test_trial_recipe_fields_reach_the_model_and_are_restored(tmp_path):
+    calls = PrefixCalls()
+    trainer = make_trainer(tmp_path, calls)
+    seen = []
+
+    def space(trial):
+        return {
+            "top_layers": trial.suggest_int("top_layers", 1, 1),
+            "top_lr_multiplier": trial.suggest_float("top_lr_multiplier", 7.0, 7.0),
+            "warmup_steps": 0.05,
+        }
+
+    def objective_spy(metrics):
+        seen.append((trainer.wb_config.top_layers, trainer.wb_config.top_lr_multiplier, trainer.args.warmup_steps))
+        return metrics["eval_loss"]
+
+    trainer.hyperparameter_search(hp_space=space, compute_objective=objective_spy, n_trials=1)
+    assert seen == [(1, 7.0, 0.05)]
+    logs = [h for h in trainer.state.log_history if "lr/head" in h]
+    assert {k for k in logs[0] if k.startswith("lr/")} == {"lr/block_03", "lr/head"}  # only the top block trains
+    assert logs[0]["lr/block_03"] == pytest.approx(7 * logs[0]["learning_rate"])
+    assert trainer.wb_config.top_layers == 2 and trainer.wb_config.top_lr_multiplier == 5.0
+    assert trainer.args.warmup_steps == 0
+
+
+def test_unknown_and_unsearchable_keys_are_refused(tmp_path):
+    trainer = make_trainer(tmp_path, PrefixCalls())
+    with pytest.raises(ValueError, match="`learning_rat`"):
+        trainer.hyperparameter_search(hp_space=lambda t: {"learning_rat": 1e-3}, n_trials=1)
+    with pytest.raises(ValueError, match="`histogram_steps`"):
+        trainer.hyperparameter_search(hp_space=lambda t: {"histogram_steps": 5}, n_trials=1)
+    with pytest.raises(ValueError, match="backend='optuna'"):
+        trainer.hyperparameter_search(hp_space=fixed_space, n_trials=1, backend="ray")
+
+
+def test_default_search_space():
+    assert top_layers_range(6) == (1, 3) and top_layers_range(12) == (2, 6)
+    assert is_plain_fine_tuning(WBConfig.baseline()) and not is_plain_fine_tuning(WBConfig())
+    recipe = default_search_space(WBConfig(), num_blocks=6)(optuna.trial.FixedTrial(_fixed(recipe=True)))
+    assert set(recipe) == {
+        "learning_rate",
+        "weight_decay",
+        "num_train_epochs",
+        "warmup_steps",
+        "top_lr_multiplier",
+        "head_lr_multiplier",
+        "top_layers",
+    }
+    plain = default_search_space(WBConfig.baseline(), num_blocks=6)(optuna.trial.FixedTrial(_fixed(recipe=False)))
+    assert set(plain) == {"learning_rate", "weight_decay", "num_train_epochs", "warmup_steps"}
+
+
+def _fixed(recipe: bool) -> dict:
+    values = {"learning_rate": 3e-5, "weight_decay": 0.01, "num_train_epochs": 3, "warmup_steps": 0.06}
+    if recipe:
+        values.update(top_lr_multiplier=5.0, head_lr_multiplier=5.0, top_layers=3)
+    return values
+
+
+def test_resume_continues_an_interrupted_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    trainer = make_trainer(tmp_path, PrefixCalls())
+    trainer.hyperparameter_search(hp_space=fixed_space, n_trials=1, storage=storage, study_name="s")
+    # a process killed in the middle of trial 1 leaves it RUNNING in the storage
+    study = optuna.load_study(study_name="s", storage=storage)
+    stale = study.ask()
+    lr = stale.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+
+    trainer.hyperparameter_search(
+        hp_space=fixed_space, n_trials=3, storage=storage, study_name="s", load_if_exists=True
+    )
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # 3 in all, not 3 more
+    assert study.trials[2].params["learning_rate"] == lr  # the interrupted configuration runs again
+    trainer.hyperparameter_search(
+        hp_space=fixed_space, n_trials=3, storage=storage, study_name="s", load_if_exists=True
+    )
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 4  # nothing left to do
