@@ -3,6 +3,7 @@
     hf-wb inspect MODEL [--config FILE] [--lr LR]   the recipe as a table, before any training
     hf-wb glue CONFIG.yaml [--key value ...]        a GLUE run (same as scripts/run_glue.py)
     hf-wb report RUN_DIR [--output PNG]             plots and diagnostics of a finished run
+    hf-wb tune CONFIG.yaml --n-trials N [--key value ...]   search the recipe (optuna) on a cached prefix
     hf-wb push-recipe CONFIG --repo-id NAME         share a recipe on the Hugging Face Hub
     hf-wb cache list DIR [--verify]                 the on-disk prefix caches in DIR (cache_dir)
     hf-wb cache clear DIR [KEY ...]                 remove them (all, or the given keys)
@@ -124,6 +125,40 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.n_trials < 1:
+        raise SystemExit(f"hf-wb tune: --n-trials must be >= 1, got {args.n_trials}.")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise SystemExit(f"hf-wb tune: --time-budget must be > 0 minutes, got {args.time_budget}.")
+    # heavy imports (torch, transformers, optuna) only now that the arguments are known
+    from hf_wb.glue.run import build_parser as glue_parser
+    from hf_wb.glue.run import parse_args
+    from hf_wb.glue.tune import explicit_values, tune_glue
+
+    for name in ("hf_wb.tune", "hf_wb.glue.tune"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    parsed = parse_args([args.config, *rest])
+    output_dir = args.output_dir or f"{parsed.training.output_dir.rstrip('/')}-tune"
+    results = tune_glue(
+        parsed,
+        output_dir,
+        n_trials=args.n_trials,
+        timeout=None if args.time_budget is None else args.time_budget * 60,
+        cpu_budget=args.cpu_budget,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        share_prefix_cache=not args.no_prefix_cache,
+        explicit=explicit_values(glue_parser(), rest, parsed),
+        live=not args.quiet,
+    )
+    print(
+        f"best trial {results['best_trial']}: validation {results['best_validation_score']:.2f}, "
+        f"dev {results['dev_score']:.2f} ({results['trials_finished']} trials, {results['trials_pruned']} pruned)\n"
+        f"{output_dir}/best.yaml  {output_dir}/best/{CONFIG_NAME}  {output_dir}/trials.jsonl"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-wb", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="list: also verify every file's checksum (reads it all)")
     p.set_defaults(func=_cache)
 
+    p = sub.add_parser(
+        "tune",
+        help="search a GLUE recipe with optuna, trials sharing the frozen-prefix cache (any run_glue --key value "
+        "after the options overrides the config)",
+        allow_abbrev=False,
+    )
+    p.add_argument("config", help="GLUE config file, e.g. configs/glue/mrpc.yaml")
+    p.add_argument("--n-trials", type=int, default=20, help="finished trials the study should hold (default 20)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop after the trial that crosses N minutes")
+    p.add_argument("--cpu-budget", type=float, default=None, help="stop after N seconds of process CPU time")
+    p.add_argument("--output-dir", default=None, help="study, trials, best model (default: <output_dir>-tune)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="training rows that score trials (default 0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split (default 0)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="each trial runs the frozen blocks itself")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and table of trials")
+    p.set_defaults(func=None)
+
     sub.add_parser("glue", help="run a GLUE task: hf-wb glue configs/glue/mrpc.yaml [--key value ...]", add_help=False)
     sub.add_parser("report", help="render a PNG and a diagnostics table from a run folder", add_help=False)
     return parser
@@ -172,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         from hf_wb.report import main as report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "tune":
+        args, rest = build_parser().parse_known_args(argv)
+        return _tune(args, rest)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

