@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
 import pytest
 from conftest import cpu_args, tiny_model
 from test_prefix_cache import Pad, varlen_dataset
@@ -13,6 +12,7 @@ from test_prefix_cache import Pad, varlen_dataset
 from hf_wb import WBConfig, WBTrainer
 from hf_wb.tune import default_search_space, is_plain_fine_tuning, top_layers_range
 
+optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 REPO = Path(__file__).resolve().parents[1]
 
