@@ -26,7 +26,8 @@ additions:
 Extra keyword arguments of :func:`hyperparameter_search` (besides those of ``optuna.create_study`` and
 ``timeout``, ``callbacks``, ``catch``, ``gc_after_trial`` of ``Study.optimize``): ``cpu_budget``, ``save_best_to``
 (a folder: the best trial's model and ``hf_wb_config.json``, rewritten whenever a trial beats the best so far) and
-``share_prefix_cache``.
+``share_prefix_cache``, ``prefix_cache_pool`` (a dict the caller keeps: the caches then outlive the search, for
+another search over the same data and frozen weights).
 
 Each finished trial carries user attributes: ``cpu_seconds`` and ``wall_seconds`` (the trial's cost, from
 ``model_init`` to its last evaluation), ``frozen_blocks`` (the boundary), ``prefix_cache`` (``"fill"`` for the
@@ -236,9 +237,13 @@ def hyperparameter_search(
     cpu_budget = kwargs.pop("cpu_budget", None)
     save_best_to = kwargs.pop("save_best_to", None)
     share = kwargs.pop("share_prefix_cache", True)
+    pool = kwargs.pop("prefix_cache_pool", None)
+    own_sampler = "sampler" not in kwargs
     kwargs.setdefault("sampler", optuna.samplers.TPESampler(seed=trainer.args.seed))
     kwargs.setdefault("pruner", optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
     study = optuna.create_study(direction=direction, **kwargs)
+    if own_sampler and study.trials:  # a resumed study: a sampler seeded as before would repeat its first trials
+        study.sampler = optuna.samplers.TPESampler(seed=trainer.args.seed + len(study.trials))
 
     states = optuna.trial.TrialState
     for stale in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
@@ -297,7 +302,7 @@ def hyperparameter_search(
     trainer.hp_name = hp_name
     trainer.compute_objective = default_compute_objective if compute_objective is None else compute_objective
     trainer.wb_search = setup
-    trainer.wb_cache_pool = {} if share else None
+    trainer.wb_cache_pool = (pool if pool is not None else {}) if share else None
     try:
         if remaining > 0:
             study.optimize(

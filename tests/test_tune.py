@@ -159,6 +159,7 @@ def test_resume_continues_an_interrupted_study(tmp_path):
     study = optuna.load_study(study_name="s", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # 3 in all, not 3 more
     assert study.trials[2].params["learning_rate"] == lr  # the interrupted configuration runs again
+    assert study.trials[3].params != study.trials[0].params  # the resumed sampler does not repeat the first trials
     trainer.hyperparameter_search(
         hp_space=fixed_space, n_trials=3, storage=storage, study_name="s", load_if_exists=True
     )
@@ -240,7 +241,7 @@ def test_cli_tune_baseline_tunes_plain_fine_tuning(tmp_path, tiny_model_dir, glu
     from hf_wb.cli import main
     from hf_wb.glue.run import parse_args
 
-    assert main(tune_argv(tmp_path, tiny_model_dir, glue_dir, "--recipe", "baseline")) == 0
+    assert main(tune_argv(tmp_path, tiny_model_dir, glue_dir, "--recipe", "baseline", "--n-trials", "1")) == 0
     out = tmp_path / "tune"
     trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert set(trials[0]["params"]) == {"learning_rate", "weight_decay", "num_train_epochs", "warmup_steps"}
