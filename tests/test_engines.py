@@ -209,3 +209,37 @@ def test_ddp_with_prefix_cache_two_processes(tmp_path):
     _check_exact(report)
     assert report["served_batches"] == 8  # epochs 2 and 3: 4 steps each per rank
     assert report["max_diff_vs_uncached"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"torch_compile": True, "torch_compile_backend": "eager"}, id="torch_compile"),
+        pytest.param({"bf16": True}, id="bf16"),
+    ],
+)
+def test_prefix_cache_and_gradual_unfreezing_through_the_trainer(tmp_path, extra):
+    """Under torch.compile / bf16 autocast: the frozen-prefix cache is served and gives the weights of the same run
+    without it, and gradual unfreezing adds the released blocks with the recipe's rates."""
+    from test_prefix_cache import Pad, varlen_dataset
+
+    runs = {}
+    for cache in ("off", "on"):
+        trainer = WBTrainer(
+            model=tiny_model("bert", 4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            args=cpu_args(tmp_path / cache, num_train_epochs=4, per_device_train_batch_size=8, **extra),
+            train_dataset=varlen_dataset(16),
+            data_collator=Pad(),
+            wb_config=WBConfig(top_layers=2, unfreeze_every=2, cache_frozen_prefix=cache, **QUIET),
+        )
+        trainer.train()
+        runs[cache] = trainer
+    cached, plain = runs["on"], runs["off"]
+    assert cached.wb_cache_stats["served_batches"] == 4  # epochs 1 and 3 (2 steps each) served
+    assert cached.wb_unfrozen_units == ["block_01"]  # at epoch 2; block_00 stays frozen
+    base = {g["name"]: g["lr"] / g["lr_multiplier"] for g in cached.optimizer.param_groups}
+    assert base.keys() >= {"block_01", "block_02", "block_03", "head"} and "block_00" not in base
+    first = next(iter(base.values()))
+    assert all(v == pytest.approx(first) for v in base.values())  # each group: its multiplier x one schedule
+    for (name, a), b in zip(plain.model.named_parameters(), cached.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
