@@ -114,10 +114,8 @@ def worker(engine: str, out: Path) -> None:
         with FSDP.summon_full_params(wrapped, writeback=False):
             after = {canonical_name(n): p.detach().float().cpu().clone() for n, p in wrapped.named_parameters()}
     elif engine == "fsdp2":
-        after = {
-            canonical_name(n): p.full_tensor().detach().float().cpu().clone()
-            for n, p in trainer.model.named_parameters()
-        }
+        full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.model.named_parameters()}
+        after = {canonical_name(n): p.detach().float().cpu().clone() for n, p in full.items()}
     elif engine == "zero3":
         import deepspeed
 
