@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hf_wb.layers import BLOCK, layer_map, unwrap_model
+from hf_wb.layers import BLOCK, LayerMap, layer_map, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +110,20 @@ class ParamEntry:
     numel: int
 
 
-def group_parameters(model: nn.Module, layers_pattern: str | None = None) -> list[ParamEntry]:
-    """Group every named parameter of ``model`` into units (see the module docstring), in forward order."""
+def group_parameters(
+    model: nn.Module, layers_pattern: str | None = None, lmap: LayerMap | None = None
+) -> list[ParamEntry]:
+    """Group every named parameter of ``model`` into units (see the module docstring), in forward order.
+
+    ``lmap``: the run's layer map (the trainer's); computed from ``layers_pattern`` when None."""
     model = unwrap_model(model)
     named = list(model.named_parameters())
-    try:
-        lmap = layer_map(model, layers_pattern=layers_pattern)
-    except ValueError as exc:
-        logger.info("No block stack found (%s); grouping parameters by the module that owns them.", exc)
-        return _fallback_groups(named)
+    if lmap is None:
+        try:
+            lmap = layer_map(model, layers_pattern=layers_pattern)
+        except ValueError as exc:
+            logger.info("No block stack found (%s); grouping parameters by the module that owns them.", exc)
+            return _fallback_groups(named)
     units = lmap.units()
     position = {u: i for i, u in enumerate(units)}
     entries = []
@@ -274,11 +279,13 @@ class ParamStats:
         update_sample_size: for update-to-weight ratios, parameters larger than this are snapshotted on a fixed
             strided subset of about this many elements (so the snapshot costs at most ``update_sample_size`` values
             per tensor instead of a copy of the model); smaller ones are copied whole.
+        lmap: the run's layer map (shared with the trainer); None = computed from ``layers_pattern``.
     """
 
     model: nn.Module
     layers_pattern: str | None = None
     update_sample_size: int = 65536
+    lmap: LayerMap | None = None
     entries: list[ParamEntry] = field(init=False)
     _tracked: list[_Tracked] = field(init=False, repr=False)
     _snapshot: list[torch.Tensor | None] | None = field(init=False, default=None, repr=False)
@@ -286,7 +293,7 @@ class ParamStats:
 
     def __post_init__(self) -> None:
         self.model = unwrap_model(self.model)
-        self.entries = group_parameters(self.model, self.layers_pattern)
+        self.entries = group_parameters(self.model, self.layers_pattern, self.lmap)
         params = dict(self.model.named_parameters())
         self._tracked = []
         for entry in self.entries:

@@ -7,6 +7,9 @@ What it adds to the Trainer, and where:
   optimizer exists (the Trainer builds it inside ``train()``);
 - ``create_optimizer``: the recipe's param groups (:func:`hf_wb.build_param_groups`) with the optimizer class the
   Trainer's own ``get_optimizer_cls_and_kwargs`` picks for ``--optim`` (or LAMB);
+- gradual unfreezing: owned by :class:`~hf_wb.callbacks.unfreezing.GradualUnfreezingCallback` (``wb_unfreezer``);
+  the trainer hands it the model, layer map and freeze plan, orders the groups of a resumed run by it, and saves its
+  state;
 - ``log``: the current LR of every group as ``lr/<group>``, and ``learning_rate`` as the base (x1) rate;
 - ``hyperparameter_search``: the Trainer's API with optuna, trials sharing one prefix cache per frozen boundary
   (:mod:`hf_wb.tune`; ``train(trial=...)`` applies a trial's recipe fields before the model is made);
@@ -36,6 +39,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 from hf_wb.callbacks.preemption import DEFAULT_SIGNALS, PreemptionCallback, TrainingPreempted
+from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback, check_scheduler, check_scheduler_args
 from hf_wb.checkpoints import (
     STATE_NAME,
     changed_training_settings,
@@ -46,8 +50,9 @@ from hf_wb.checkpoints import (
 )
 from hf_wb.config import CONFIG_NAME, WBConfig
 from hf_wb.engines import Engine, check_requested_engine, log_engine
-from hf_wb.freezing import FreezePlan, freeze, unfreeze_units
-from hf_wb.layers import BLOCK, EMBEDDINGS, LayerMap, layer_map, unit_name, unwrap_model
+from hf_wb.extras import install_command, is_available
+from hf_wb.freezing import FreezePlan, freeze
+from hf_wb.layers import LayerMap, layer_map, unwrap_model
 from hf_wb.param_groups import NO_DECAY_SUFFIX, build_param_groups, decay_parameter_names
 from hf_wb.prefix_cache import INDEX_COLUMN, CacheUnsupported, PrefixCache, cache_boundary
 from hf_wb.tickets import check_checkpoint_masks
@@ -80,8 +85,11 @@ class WBTrainer(Trainer):
         self.wb_config = wb_config if wb_config is not None else WBConfig()
         self.wb_layer_map: LayerMap | None = None
         self.wb_freeze_plan: FreezePlan | None = None
-        self.wb_unfreeze_stage = 0
-        self.wb_unfrozen_units: list[str] = []
+        self.wb_unfreezer: GradualUnfreezingCallback | None = None
+        if self.wb_config.unfreeze_every or self.wb_config.unfreeze_every_steps:
+            self.wb_unfreezer = GradualUnfreezingCallback(self.wb_config)
+            self.wb_unfreezer.stage_listeners.append(self._on_unfreeze_stage)
+        self._wb_callbacks: list[Any] = []  # the callbacks WBTrainer adds: they share its layer map
         self.wb_prefix_cache: PrefixCache | None = None
         self._wb_original_datasets: tuple[Any, Any] | None = None
         self.wb_cache_stats: dict[str, Any] = {}
@@ -106,16 +114,10 @@ class WBTrainer(Trainer):
         self.wb_preemption = PreemptionCallback(preemption_signals) if preemption_signals else None
         if self.wb_preemption is not None and self.wb_preemption.signals:
             self.add_callback(self.wb_preemption)
-        if self.wb_config.unfreeze_every or self.wb_config.unfreeze_every_steps:
-            from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback
-
-            self.add_callback(
-                GradualUnfreezingCallback(
-                    self.wb_unfreeze_to,
-                    every_epochs=self.wb_config.unfreeze_every,
-                    every_steps=self.wb_config.unfreeze_every_steps,
-                )
-            )
+        if self.wb_unfreezer is not None:
+            check_scheduler(self.lr_scheduler)  # refused now, not at the first unfreezing stage
+            check_scheduler_args(self.args)
+            self.add_callback(self.wb_unfreezer)
 
     # ----- set-up before the optimizer exists ---------------------------------------------------------------------
     def _train_labels(self) -> Any:
@@ -133,16 +135,24 @@ class WBTrainer(Trainer):
 
         tensorboard = next((c for c in self.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
         pattern = self.wb_config.layers_pattern
-        if self.wb_config.histogram_steps:
-            self.add_callback(
+        if self.wb_config.histogram_steps and tensorboard is None and not is_available("tensorboard"):
+            _warn_once(
+                "hf_wb weight histograms are off: they are written to TensorBoard, which is not installed. Install it "
+                f"with {install_command('report')}, or set WBConfig(histogram_steps=0) to silence this warning."
+            )
+        elif self.wb_config.histogram_steps:
+            self._wb_callbacks.append(
                 WeightHistogramCallback(
                     every_n_steps=self.wb_config.histogram_steps, writer=tensorboard, layers_pattern=pattern
                 )
             )
         if self.wb_config.diagnostics:
-            self.add_callback(
+            self._wb_callbacks.append(
                 WeightDiagnosticsCallback(writer=tensorboard, labels=self._train_labels(), layers_pattern=pattern)
             )
+        for callback in self._wb_callbacks:
+            callback.lmap = self.wb_layer_map
+            self.add_callback(callback)
 
     def _apply_recipe(self, model: nn.Module) -> None:
         """Head recipe first (re-init changes weights), then the layer map and freezing. The head recipe runs once
@@ -156,67 +166,15 @@ class WBTrainer(Trainer):
             logger.info("hf_wb head recipe: %s", self.wb_head_summary)
         self.wb_layer_map = layer_map(model, self.wb_config.layers_pattern)
         self.wb_freeze_plan = freeze(model, self.wb_config, self.wb_layer_map)
-        self.wb_unfreeze_stage, self.wb_unfrozen_units = 0, []
+        for callback in self._wb_callbacks:  # one layer map per run
+            callback.lmap = self.wb_layer_map
+        if self.wb_unfreezer is not None:
+            decay = set(self.get_decay_parameter_names(model)) & decay_parameter_names(model)
+            self.wb_unfreezer.setup(model, self.wb_layer_map, self.wb_freeze_plan, decay)
 
-    # ----- gradual unfreezing ---------------------------------------------------------------------------------------
-    def wb_unfreeze_schedule(self) -> list[list[str]]:
-        """The unfreezing stages: each lists, per stack, its highest still-frozen block (then its embeddings)."""
-        plan, stages = self.wb_freeze_plan, []
-        if plan is None:
-            return []
-        for j in range(1, max((k + 1 for k in plan.frozen_blocks.values()), default=0) + 1):
-            stage = []
-            for label, k in plan.frozen_blocks.items():
-                if k - j >= 0:
-                    stage.append(unit_name(label, BLOCK, k - j))
-                elif j == k + 1 and plan.frozen_embeddings.get(label):
-                    stage.append(unit_name(label, EMBEDDINGS, None))
-            if stage:
-                stages.append(stage)
-        return stages
-
-    def wb_unfreeze_to(self, stage: int) -> None:
-        """Unfreeze up to ``stage`` (idempotent): the units become trainable, leave eval-pinning and join the
-        optimizer (if it exists) with the rate the recipe gives their depth and a fresh state."""
-        schedule = self.wb_unfreeze_schedule()
-        stage = min(stage, len(schedule))
-        while self.wb_unfreeze_stage < stage:
-            units = schedule[self.wb_unfreeze_stage]
-            model = unwrap_model(self.model)
-            released = unfreeze_units(model, units, self.wb_layer_map)
-            self.wb_unfreeze_stage += 1
-            self.wb_unfrozen_units.extend(units)
-            self.wb_freeze_plan.frozen_units = [u for u in self.wb_freeze_plan.frozen_units if u not in units]
-            logger.info("hf_wb gradual unfreezing, stage %d: %s now train", self.wb_unfreeze_stage, ", ".join(units))
-            if self.optimizer is not None:
-                self._add_groups_for(units, model)
-                _sync_gradients_across_ranks(released)
-            if self.wb_prefix_cache is not None:
-                self._rebuild_prefix_cache()
-
-    def _add_groups_for(self, units: list[str], model: nn.Module) -> None:
-        decay = set(self.get_decay_parameter_names(model)) & decay_parameter_names(model)
-        groups = build_param_groups(
-            model, self.wb_config, self.args.learning_rate, self.args.weight_decay, self.wb_layer_map, decay
-        )
-        new = [g for g in groups if g["name"].removesuffix(NO_DECAY_SUFFIX) in units]
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
-        for group in new:
-            base = group["lr"]
-            group["initial_lr"] = base
-            if scheduler is not None:
-                if not hasattr(scheduler, "lr_lambdas"):
-                    raise TypeError(
-                        f"Gradual unfreezing needs a LambdaLR-based scheduler (every transformers schedule is one) to "
-                        f"give new groups their rate, got {type(scheduler).__name__}."
-                    )
-                factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-                group["lr"] = base * factor
-                scheduler.base_lrs.append(base)
-                scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
-                scheduler._last_lr.append(group["lr"])
-            optimizer.add_param_group(group)
+    def _on_unfreeze_stage(self, units: list[str]) -> None:
+        if self.wb_prefix_cache is not None:  # the frozen boundary moved
+            self._rebuild_prefix_cache()
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         if self._wb_model_ready is not None:  # made (and prepared) by train() just before the Trainer asks
@@ -254,9 +212,8 @@ class WBTrainer(Trainer):
         groups = build_param_groups(
             unwrapped, self.wb_config, self.args.learning_rate, self.args.weight_decay, lmap=lmap, decay_names=decay
         )
-        if self.wb_unfrozen_units:  # a resumed run: groups unfrozen during training come last, in unfreeze order
-            order = {u: i for i, u in enumerate(self.wb_unfrozen_units)}
-            groups.sort(key=lambda g: order.get(g["name"].removesuffix(NO_DECAY_SUFFIX), -1))
+        if self.wb_unfreezer is not None:  # a resumed run: groups unfrozen during training come last, in order
+            groups = self.wb_unfreezer.order_groups(groups)
         if self.wb_config.optimizer == "kfac":
             optimizer_kwargs["model"] = unwrapped  # K-FAC hooks the trainable Linear layers for its statistics
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -307,9 +264,10 @@ class WBTrainer(Trainer):
         return {
             "groups": [{"name": g.get("name"), "size": len(g["params"])} for g in groups],
             "frozen_units": list(self.wb_freeze_plan.frozen_units) if self.wb_freeze_plan else [],
-            "unfreeze_stage": self.wb_unfreeze_stage,
-            "unfrozen_units": list(self.wb_unfrozen_units),
+            "unfreeze_stage": 0,
+            "unfrozen_units": [],
             "training_args": training_settings(self.args),
+            **(self.wb_unfreezer.state_dict() if self.wb_unfreezer is not None else {}),
         }
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -371,9 +329,9 @@ class WBTrainer(Trainer):
                                resume_from_checkpoint, _describe_changes(changed))  # fmt: skip
             check_checkpoint_masks(self.model, str(resume_from_checkpoint))
             state_file = os.path.join(str(resume_from_checkpoint), STATE_NAME)
-            if os.path.isfile(state_file):
-                with open(state_file, encoding="utf-8") as f:
-                    self.wb_unfreeze_to(int(json.load(f).get("unfreeze_stage", 0)))
+            if self.wb_unfreezer is not None and os.path.isfile(state_file):
+                with open(state_file, encoding="utf-8") as f:  # the stage, before the optimizer is rebuilt
+                    self.wb_unfreezer.load_state_dict(json.load(f))
         preemption = self.wb_preemption
         if preemption is not None:
             preemption.install()  # before the cache build and the first step
@@ -542,6 +500,15 @@ class WBTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
 def _with_index(dataset: Any, start: int) -> Any:
     """``dataset`` with a column ``hf_wb_index`` = start, start + 1, ... (the rows' places in the prefix cache)."""
     indices = range(start, start + len(dataset))
@@ -561,23 +528,6 @@ class _IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {**self.dataset[i], INDEX_COLUMN: self.start + i}
-
-
-def _sync_gradients_across_ranks(params: list[nn.Parameter]) -> None:
-    """Parameters unfrozen after DDP wrapped the model are unknown to its reducer: average their gradients across
-    ranks ourselves, as soon as each is accumulated (before clipping, like DDP's own)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    world = dist.get_world_size()
-
-    def average(p: torch.Tensor) -> None:
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
-
-    for p in params:
-        p.register_post_accumulate_grad_hook(average)
 
 
 _MEAN_LOSSES = ("ForSequenceClassificationLoss", "ForQuestionAnsweringLoss")

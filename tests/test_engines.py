@@ -236,7 +236,7 @@ def test_prefix_cache_and_gradual_unfreezing_through_the_trainer(tmp_path, extra
         runs[cache] = trainer
     cached, plain = runs["on"], runs["off"]
     assert cached.wb_cache_stats["served_batches"] == 4  # epochs 1 and 3 (2 steps each) served
-    assert cached.wb_unfrozen_units == ["block_01"]  # at epoch 2; block_00 stays frozen
+    assert cached.wb_unfreezer.unfrozen_units == ["block_01"]  # at epoch 2; block_00 stays frozen
     base = {g["name"]: g["lr"] / g["lr_multiplier"] for g in cached.optimizer.param_groups}
     assert base.keys() >= {"block_01", "block_02", "block_03", "head"} and "block_00" not in base
     first = next(iter(base.values()))

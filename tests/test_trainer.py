@@ -257,3 +257,24 @@ def test_loss_kwargs_detection():
     assert loss_uses_num_items(lm)  # token-level loss normalised by num_items_in_batch
     trainer = WBTrainer(model=tiny_model("bert"), wb_config=WBConfig(**QUIET))
     assert trainer.model_accepts_loss_kwargs is False
+
+
+@pytest.mark.parametrize("use_model_init", [False, True])
+def test_callbacks_share_the_trainers_layer_map(tmp_path, monkeypatch, use_model_init):
+    import hf_wb.stats
+
+    def no_second_map(*args, **kwargs):
+        raise AssertionError("a callback computed a layer map of its own")
+
+    monkeypatch.setattr(hf_wb.stats, "layer_map", no_second_map)
+    kwargs = {"model_init": lambda: tiny_model("bert", 4)} if use_model_init else {"model": tiny_model("bert", 4)}
+    trainer = WBTrainer(
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=make_dataset(16),
+        wb_config=WBConfig(histogram_steps=1, diagnostics=True, bias_prior=False, unfreeze_every_steps=1),
+        **kwargs,
+    )
+    trainer.train()
+    callbacks = [*trainer._wb_callbacks, trainer.wb_unfreezer]
+    assert len(callbacks) == 3
+    assert all(cb.lmap is trainer.wb_layer_map for cb in callbacks)

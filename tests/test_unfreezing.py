@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import REPO, cpu_args, tiny_model
 from test_trainer import make_dataset
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 
-from hf_wb import WBConfig, WBTrainer
+from hf_wb import WBConfig, WBTrainer, build_param_groups
 from hf_wb.callbacks.unfreezing import GradualUnfreezingCallback
 
 QUIET = dict(histogram_steps=0, diagnostics=False, bias_prior=False)
@@ -45,7 +45,7 @@ def test_one_block_per_epoch_top_down_then_embeddings(tmp_path):
     )
     rec = Record(model)
     trainer.add_callback(rec)
-    assert trainer.wb_unfreeze_schedule() == [["block_01"], ["block_00"], ["embeddings"]]
+    assert trainer.wb_unfreezer.schedule() == [["block_01"], ["block_00"], ["embeddings"]]
     trainer.train()
     first = {}
     for epoch, trainable, in_train, emb in rec.epochs:
@@ -98,8 +98,8 @@ def test_step_interval(tmp_path):
         wb_config=WBConfig(top_layers=3, unfreeze_every_steps=2, **QUIET),
     )
     trainer.train()
-    assert trainer.wb_unfreeze_stage == 2  # after steps 2 and 4: block_00, then embeddings
-    assert trainer.wb_unfrozen_units == ["block_00", "embeddings"]
+    assert trainer.wb_unfreezer.stage == 2  # after steps 2 and 4: block_00, then embeddings
+    assert trainer.wb_unfreezer.unfrozen_units == ["block_00", "embeddings"]
 
 
 def test_resume_after_unfreeze_keeps_blocks_trainable_and_state(tmp_path):
@@ -114,7 +114,7 @@ def test_resume_after_unfreeze_keeps_blocks_trainable_and_state(tmp_path):
     model = tiny_model("bert", 4, seed=7)
     resumed = WBTrainer(model=model, args=args, train_dataset=data, wb_config=config)
     resumed.train(resume_from_checkpoint=str(ckpt))
-    assert resumed.wb_unfrozen_units == full.wb_unfrozen_units == ["block_01", "block_00"]
+    assert resumed.wb_unfreezer.unfrozen_units == full.wb_unfreezer.unfrozen_units == ["block_01", "block_00"]
     opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert [g["name"] for g in opt_state["param_groups"]][-2:] == ["block_01", "block_01/no_decay"]
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
@@ -136,12 +136,182 @@ def test_unfreezing_with_prefix_cache_moves_boundary(tmp_path):
     # a new cache (epoch 3 served: 2 steps); epoch 4: no frozen block left -> the cache is off
     assert trainer.wb_cache_stats["built"] == 2
     assert trainer.wb_cache_stats["served_batches"] == 4
-    assert trainer.wb_unfrozen_units == ["block_01", "block_00"]
+    assert trainer.wb_unfreezer.unfrozen_units == ["block_01", "block_00"]
 
 
 def test_callback_validates_intervals():
     with pytest.raises(ValueError, match="Set exactly one of `every_epochs`"):
-        GradualUnfreezingCallback(lambda s: None)
+        GradualUnfreezingCallback(WBConfig())  # no interval in the recipe, none given
+    with pytest.raises(ValueError, match="Set exactly one of `every_epochs`"):
+        GradualUnfreezingCallback(WBConfig(), every_epochs=1, every_steps=2)
+    with pytest.raises(TypeError, match="`config` must be a WBConfig"):
+        GradualUnfreezingCallback(lambda s: None, every_epochs=1)
+
+
+class GroupRates(TrainerCallback):
+    """(group names, lrs, initial lrs) of the optimizer after every step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        groups = optimizer.param_groups
+        self.steps.append(
+            ([g.get("name") for g in groups], [g["lr"] for g in groups], [g["initial_lr"] for g in groups])
+        )
+
+
+def test_plain_trainer_unfreezes_with_recipe_rates_under_the_schedule(tmp_path):
+    config = WBConfig(top_layers=2, layer_lr_decay=0.5, unfreeze_every=1, **QUIET)
+    model = tiny_model("bert", 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unfreezer = GradualUnfreezingCallback(config)
+    rates = GroupRates()
+    trainer = Trainer(
+        model=model,
+        args=args_for(tmp_path, num_train_epochs=3, lr_scheduler_type="cosine"),
+        train_dataset=make_dataset(32),
+        callbacks=[unfreezer, rates],
+    )
+    # frozen by the component as the Trainer was built, before it makes its optimizer
+    assert not model.bert.encoder.layer[1].output.dense.weight.requires_grad
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+    trainer.train()
+    assert unfreezer.unfrozen_units == ["block_01", "block_00"]
+    names, lrs, initial = rates.steps[-1]
+    assert names[2:] == ["block_01", "block_01/no_decay", "block_00", "block_00/no_decay"]
+    # the recipe's rate for the depth: lr * 0.5 ** (distance below the lowest top block)
+    assert initial[2:] == pytest.approx([1e-3 * 0.5, 1e-3 * 0.5, 1e-3 * 0.25, 1e-3 * 0.25])
+    # at every step, every group is at the schedule's current factor of its own rate
+    scheduler = trainer.lr_scheduler
+    assert len(scheduler.base_lrs) == len(scheduler.lr_lambdas) == len(names)
+    for _, step_lrs, step_initial in rates.steps:
+        factor = step_lrs[0] / step_initial[0]
+        assert [lr / i for lr, i in zip(step_lrs, step_initial, strict=True)] == pytest.approx(
+            [factor] * len(step_lrs)
+        )
+    named = dict(model.named_parameters())
+    for name in ("bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"):
+        assert not torch.equal(named[name], before[name]), name
+    assert torch.equal(
+        named["bert.embeddings.word_embeddings.weight"], before["bert.embeddings.word_embeddings.weight"]
+    )
+
+
+def test_callback_added_after_construction_is_refused(tmp_path):
+    trainer = Trainer(model=tiny_model("bert", 4), args=args_for(tmp_path), train_dataset=make_dataset(32))
+    trainer.add_callback(GradualUnfreezingCallback(WBConfig(unfreeze_every=1)))
+    with pytest.raises(RuntimeError, match="added after the Trainer was built"):
+        trainer.train()
+
+
+def _plateau_setup(tmp_path, min_lr=1e-7):
+    config = WBConfig(top_layers=2, layer_lr_decay=0.5, unfreeze_every=1, **QUIET)
+    model = tiny_model("bert", 4)
+    unfreezer = GradualUnfreezingCallback(config)
+    unfreezer.setup(model)
+    optimizer = torch.optim.AdamW(build_param_groups(model, config, lr=1e-3, lmap=unfreezer.lmap))
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0, min_lr=min_lr)
+    args = args_for(tmp_path, learning_rate=1e-3)
+    unfreezer.on_train_begin(args, TrainerState(), TrainerControl(), optimizer=optimizer, lr_scheduler=scheduler)
+    return unfreezer, optimizer, scheduler, args
+
+
+def test_reduce_lr_on_plateau_new_group_gets_recipe_rate_times_reduction(tmp_path):
+    unfreezer, optimizer, scheduler, args = _plateau_setup(tmp_path)
+    for metric in (1.0, 2.0, 3.0):  # the first sets the best, the next two are worse: two reductions
+        scheduler.step(metric)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 * 0.25)
+    unfreezer.on_epoch_begin(args, TrainerState(epoch=1.0), TrainerControl())
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["block_01"]["lr"] == pytest.approx(1e-3 * 0.5 * 0.25)
+    assert groups["block_01/no_decay"]["lr"] == pytest.approx(1e-3 * 0.5 * 0.25)
+    assert len(scheduler.min_lrs) == len(scheduler._last_lr) == len(optimizer.param_groups)
+    scheduler.step(4.0)  # a reduction after the stage reaches the new groups as well
+    assert groups["block_01"]["lr"] == pytest.approx(1e-3 * 0.5 * 0.125)
+    assert groups["block_02"]["lr"] == pytest.approx(5e-3 * 0.125)
+
+
+def test_reduce_lr_on_plateau_new_group_respects_min_lr(tmp_path):
+    unfreezer, optimizer, scheduler, args = _plateau_setup(tmp_path, min_lr=2e-4)
+    for metric in (1.0, 2.0, 3.0, 4.0):
+        scheduler.step(metric)
+    unfreezer.on_epoch_begin(args, TrainerState(epoch=2.0), TrainerControl())
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["block_00"]["lr"] == pytest.approx(2e-4)  # 1e-3 * 0.25 * 0.0625 is below the floor
+    assert scheduler.min_lrs[-1] == 2e-4
+
+
+def test_wbtrainer_reduce_lr_on_plateau_trains_through_unfreezing(tmp_path):
+    # failure 7 of issue 10: this stopped at the first stage, mid-training, with a TypeError
+    trainer = WBTrainer(
+        model=tiny_model("bert", 4),
+        args=args_for(
+            tmp_path,
+            num_train_epochs=3,
+            lr_scheduler_type="reduce_lr_on_plateau",
+            lr_scheduler_kwargs={"factor": 0.5, "patience": 0},
+            eval_strategy="epoch",
+        ),
+        train_dataset=make_dataset(32),
+        eval_dataset=make_dataset(16, seed=1),
+        wb_config=WBConfig(top_layers=2, unfreeze_every=1, **QUIET),
+    )
+    trainer.train()
+    assert trainer.wb_unfreezer.unfrozen_units == ["block_01", "block_00"]
+    groups = trainer.optimizer.param_groups
+    ratios = [g["lr"] / (1e-3 * g["lr_multiplier"]) for g in groups]
+    assert ratios == pytest.approx([ratios[0]] * len(groups))  # every group at the same reduction of its recipe rate
+    assert len(trainer.lr_scheduler.min_lrs) == len(groups)
+
+
+@pytest.mark.parametrize("how", ["lr_scheduler_type", "optimizers"])
+def test_undrivable_scheduler_refused_at_construction(tmp_path, how):
+    model = tiny_model("bert", 4)
+    kwargs = {}
+    if how == "optimizers":
+        optimizer = torch.optim.AdamW([p for p in model.parameters()], lr=1e-3)
+        kwargs["optimizers"] = (optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1))
+        name, args = "StepLR", args_for(tmp_path)
+    else:
+        name, args = "GreedyLR", args_for(tmp_path, lr_scheduler_type="greedy", eval_strategy="epoch")
+    with pytest.raises(TypeError, match=f"Gradual unfreezing cannot drive the LR scheduler {name}"):
+        WBTrainer(
+            model=model,
+            args=args,
+            train_dataset=make_dataset(32),
+            eval_dataset=make_dataset(8),
+            wb_config=WBConfig(top_layers=2, unfreeze_every=1, **QUIET),
+            **kwargs,
+        )
+    with pytest.raises(TypeError, match=f"cannot drive the LR scheduler {name}"):  # a plain Trainer: also at once
+        Trainer(
+            model=tiny_model("bert", 4),
+            args=args,
+            train_dataset=make_dataset(32),
+            eval_dataset=make_dataset(8),
+            callbacks=[GradualUnfreezingCallback(WBConfig(top_layers=2, unfreeze_every=1))],
+            **kwargs,
+        )
+
+
+def test_state_dict_round_trip_and_mismatch():
+    config = WBConfig(top_layers=2, unfreeze_every=1)
+    first = GradualUnfreezingCallback(config)
+    first.setup(tiny_model("bert", 4))
+    first.unfreeze_to(1)
+    assert first.state_dict() == {"unfreeze_stage": 1, "unfrozen_units": ["block_01"]}
+    model = tiny_model("bert", 4)
+    second = GradualUnfreezingCallback(config)
+    second.setup(model)
+    second.load_state_dict(first.state_dict())
+    assert second.stage == 1 and second.plan.frozen_units == ["embeddings", "block_00"]
+    assert model.bert.encoder.layer[1].output.dense.weight.requires_grad
+    assert not model.bert.encoder.layer[1].training or model.training  # released from eval-pinning
+    third = GradualUnfreezingCallback(config)
+    third.setup(tiny_model("bert", 4))
+    with pytest.raises(ValueError, match="released \\['block_00'\\] but this run's schedule releases"):
+        third.load_state_dict({"unfreeze_stage": 1, "unfrozen_units": ["block_00"]})
 
 
 @pytest.mark.slow

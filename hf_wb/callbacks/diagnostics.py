@@ -59,7 +59,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_wb.callbacks.histograms import _WriterSlot
-from hf_wb.layers import unwrap_model
+from hf_wb.layers import LayerMap, unwrap_model
 from hf_wb.stats import ParamStats, depth_trend, kl_divergence, to_floats
 
 logger = logging.getLogger(__name__)
@@ -327,6 +327,8 @@ class WeightDiagnosticsCallback(TrainerCallback):
         log_dir: folder of the callback's own writer; default ``<output_dir>/runs/hf_wb`` (shared with
             :class:`~hf_wb.callbacks.WeightHistogramCallback`).
         layers_pattern: passed to :func:`hf_wb.layers.layer_map`.
+        lmap: the run's layer map (``WBTrainer`` passes its own, so every callback sees the same units); None =
+            computed from the model and ``layers_pattern`` at the start of training.
 
     Attributes:
         findings: every finding reported so far, in order.
@@ -340,6 +342,7 @@ class WeightDiagnosticsCallback(TrainerCallback):
         labels: Any = None,
         log_dir: str | None = None,
         layers_pattern: str | None = None,
+        lmap: LayerMap | None = None,
     ) -> None:
         if config is not None and not isinstance(config, DiagnosticsConfig):
             raise TypeError(f"`config` must be a DiagnosticsConfig, got {type(config).__name__}.")
@@ -347,6 +350,7 @@ class WeightDiagnosticsCallback(TrainerCallback):
         self.stop_on_nonfinite = stop_on_nonfinite
         self.labels = labels
         self.layers_pattern = layers_pattern
+        self.lmap = lmap
         self._slot = _WriterSlot(writer, log_dir)
         self.findings: list[Finding] = []
         self._reset()
@@ -406,11 +410,14 @@ class WeightDiagnosticsCallback(TrainerCallback):
         if model is None:
             raise ValueError("WeightDiagnosticsCallback needs the `model` the Trainer passes to its callbacks.")
         model = unwrap_model(model)
-        self._stats = ParamStats(model, self.layers_pattern)
+        self._stats = ParamStats(model, self.layers_pattern, lmap=self.lmap)
         self._fp16_scaling = bool(getattr(args, "fp16", False))
         if not self._main:
             return
-        self._slot.open(args, state)
+        try:
+            self._slot.open(args, state)
+        except ImportError as exc:  # no TensorBoard: findings still go to the log and diagnostics.json
+            logger.warning("[hf_wb diagnostics] no TensorBoard text summaries: %s", exc)
         self._json_path = os.path.join(args.output_dir or ".", DIAGNOSTICS_FILE)
         self.findings = []
         if os.path.exists(self._json_path):

@@ -41,6 +41,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_wb.extras import require
+from hf_wb.layers import LayerMap
 from hf_wb.stats import ParamStats
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ def default_log_dir(args: TrainingArguments, state: TrainerState | None = None) 
 
 def acquire_writer(log_dir: str):
     """A ``SummaryWriter`` for ``log_dir``, shared (reference counted) by the callbacks that write there."""
+    require("tensorboard", feature="Writing TensorBoard events (weight histograms, diagnostics summaries)")
     from torch.utils.tensorboard import SummaryWriter
 
     key = os.path.abspath(log_dir)
@@ -158,6 +161,8 @@ class WeightHistogramCallback(TrainerCallback):
         bins: number of buckets of each histogram.
         split_roles: split block weights into ``attn`` / ``ffn`` / ``norm`` histograms.
         layers_pattern: passed to :func:`hf_wb.layers.layer_map` to find the blocks.
+        lmap: the run's layer map (``WBTrainer`` passes its own, so every callback sees the same units); None =
+            computed from the model and ``layers_pattern`` at the start of training.
         update_sample_size: update ratios of tensors larger than this are measured on a strided sample of about this
             many entries (bounds the memory of the pre-step snapshot).
     """
@@ -172,6 +177,7 @@ class WeightHistogramCallback(TrainerCallback):
         split_roles: bool = True,
         layers_pattern: str | None = None,
         update_sample_size: int = 65536,
+        lmap: LayerMap | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise TypeError(f"`every_n_steps` must be an int, got {type(every_n_steps).__name__}.")
@@ -189,6 +195,7 @@ class WeightHistogramCallback(TrainerCallback):
         self.bins = bins
         self.split_roles = split_roles
         self.layers_pattern = layers_pattern
+        self.lmap = lmap
         self.update_sample_size = update_sample_size
         self._slot = _WriterSlot(writer, log_dir)
         self._stats: ParamStats | None = None
@@ -252,7 +259,7 @@ class WeightHistogramCallback(TrainerCallback):
         if model is None:
             raise ValueError("WeightHistogramCallback needs the `model` the Trainer passes to its callbacks.")
         self._slot.open(args, state)
-        self._stats = ParamStats(model, self.layers_pattern, self.update_sample_size)
+        self._stats = ParamStats(model, self.layers_pattern, self.update_sample_size, lmap=self.lmap)
         self._optimizer = kwargs.get("optimizer")
         self._mirror_logs = self._slot.owned and "tensorboard" not in (args.report_to or [])
         self._pending_grad_step = None

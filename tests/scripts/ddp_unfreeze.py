@@ -31,7 +31,7 @@ if dist.get_rank() == 0:
     (out / "report.json").write_text(
         json.dumps(
             {
-                "unfrozen": trainer.wb_unfrozen_units,
+                "unfrozen": trainer.wb_unfreezer.unfrozen_units,
                 "unfrozen_changed": changed,
                 "max_param_diff_across_ranks": float((gathered[0] - gathered[1]).abs().max()),
             }
