@@ -334,3 +334,20 @@ def test_ddp_unfreezing_keeps_ranks_equal(tmp_path):
     assert report["unfrozen"] == ["block_01", "block_00"]
     assert report["unfrozen_changed"] is True
     assert report["max_param_diff_across_ranks"] == 0.0
+
+
+def test_plain_trainer_resume_after_a_stage_is_refused_not_silent(tmp_path):
+    # documented limit: a plain Trainer rebuilds its optimizer as two groups before any callback runs, so the
+    # checkpoint's optimizer state (two groups more per stage) cannot be matched: torch refuses it
+    config = WBConfig(top_layers=2, unfreeze_every=1)
+    args = args_for(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3)  # 2 steps/epoch
+    data = make_dataset(32)
+    first = Trainer(
+        model=tiny_model("bert", 4), args=args, train_dataset=data, callbacks=[GradualUnfreezingCallback(config)]
+    )
+    first.train()
+    again = Trainer(
+        model=tiny_model("bert", 4), args=args, train_dataset=data, callbacks=[GradualUnfreezingCallback(config)]
+    )
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        again.train(resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-3"))
