@@ -67,6 +67,10 @@ class WBConfig(PushToHubMixin):
     Monitoring:
         histogram_steps: write weight/bias/gradient histograms every N optimizer steps; 0 = off.
         diagnostics: watch weights and gradients and report problems with advice.
+        diagnostics_steps: run the diagnostics checks every N optimizer steps (and always at the last step);
+            0 = every `histogram_steps` (100 when histograms are off).
+        stop_on_nonfinite: stop at the first NaN/Inf gradient or weight (checked every step while on), discard that
+            step's update, and never save non-finite weights.
     Frozen prefix:
         cache_frozen_prefix: "off" | "on" | "auto": compute the frozen blocks' output once and train only the top.
         cache_dtype: storage dtype of that cache (float32 | bfloat16 | float16).
@@ -129,6 +133,20 @@ class WBConfig(PushToHubMixin):
     )
     diagnostics: bool = field(
         default=True, metadata={"help": "Watch weights and gradients and report problems with advice."}
+    )
+    diagnostics_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Run the diagnostics checks every N optimizer steps (and always at the last step); 0 = every "
+            "`histogram_steps` (100 when histograms are off)."
+        },
+    )
+    stop_on_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop at the first NaN/Inf gradient or weight (checked every step), discard that step's update, "
+            "and never save non-finite weights."
+        },
     )
     cache_frozen_prefix: str = field(
         default="off",
@@ -212,6 +230,10 @@ class WBConfig(PushToHubMixin):
             raise ValueError(f"`head_dropout` must be in [0, 1) or None, got {self.head_dropout}.")
         if self.histogram_steps < 0:
             raise ValueError(f"`histogram_steps` must be >= 0 (0 = off), got {self.histogram_steps}.")
+        if self.diagnostics_steps < 0:
+            raise ValueError(
+                f"`diagnostics_steps` must be >= 0 (0 = every `histogram_steps`), got {self.diagnostics_steps}."
+            )
         if self.cache_frozen_prefix not in CACHE_MODES:
             raise ValueError(
                 f"`cache_frozen_prefix` must be one of {CACHE_MODES} (true/false/yes/no also read as on/off), got "
@@ -239,6 +261,11 @@ class WBConfig(PushToHubMixin):
         if self.freeze_layers == -1:
             return max(num_blocks - self.top_layers, 0)
         return self.freeze_layers
+
+    @property
+    def diagnostics_interval(self) -> int:
+        """Steps between diagnostics checks: `diagnostics_steps`, else `histogram_steps`, else 100."""
+        return self.diagnostics_steps or self.histogram_steps or 100
 
     def embeddings_frozen(self, any_block_frozen: bool) -> bool:
         return any_block_frozen if self.freeze_embeddings is None else self.freeze_embeddings

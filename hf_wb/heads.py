@@ -48,6 +48,7 @@ __all__ = [
     "find_output_layer",
     "init_bias_prior",
     "init_head",
+    "label_prior",
     "labels_from_dataset",
     "reinit_top_layers",
     "set_head_dropout",
@@ -505,6 +506,23 @@ def _add_bias(model: nn.Module, name: str, layer: nn.Linear) -> nn.Linear:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return new
+
+
+def label_prior(model: nn.Module, labels: Any, eps: float = DEFAULT_EPS) -> tuple[str, list[float]]:
+    """``(problem_type, prior)`` of ``labels`` for ``model``'s head, as :func:`init_bias_prior` computes it, without
+    writing anything: class frequencies (single-label), per-label frequencies (multi-label) or target means
+    (regression)."""
+    model = unwrap_model(model)
+    num_labels = _num_labels(model)
+    array, _ = _labels_array(labels)
+    kind = _resolve_problem_type(model, num_labels, array, None)
+    if kind == SINGLE_LABEL:
+        priors = _single_label_prior(array, num_labels, eps)[0]
+    elif kind == MULTI_LABEL:
+        priors = _multi_label_prior(array, num_labels, eps)[0]
+    else:
+        priors = _regression_prior(array, num_labels)
+    return kind, [float(x) for x in priors]
 
 
 def init_bias_prior(

@@ -204,107 +204,6 @@ def _unit_series(data: RunData, kind: str, unit: str) -> list[Histogram] | None:
     return _merge([data.histograms[t] for t in tags])
 
 
-def _heatmap(ax, series: list[Histogram], title: str) -> None:
-    import matplotlib.colors as mcolors
-
-    lo, hi = _pooled_range(series)
-    if not hi > lo:
-        lo, hi = min(h.edges[0] for h in series), max(h.edges[-1] for h in series)
-    if not hi > lo:
-        lo, hi = lo - 1e-3, hi + 1e-3
-    grid = np.linspace(lo, hi, _Y_BINS + 1)
-    columns = []
-    for h in series:
-        c = _rebin(h, grid)
-        total = h.counts.sum()
-        columns.append(c / total if total > 0 else c)
-    z = np.array(columns).T  # (bins, steps)
-    steps = np.array([h.step for h in series], dtype=float)
-    if steps.size == 1:
-        x_edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
-    else:
-        mids = (steps[1:] + steps[:-1]) / 2
-        x_edges = np.concatenate([[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]])
-    positive = z[z > 0]
-    vmin = max(positive.min(), 1e-4) if positive.size else 1e-4
-    ax.pcolormesh(
-        x_edges,
-        grid,
-        np.maximum(z, vmin),
-        cmap="magma",
-        norm=mcolors.LogNorm(vmin=vmin, vmax=max(z.max(), vmin * 10)),
-        shading="flat",
-    )
-    ax.set_title(title, fontsize=8, loc="left")
-    ax.tick_params(labelsize=7)
-    if lo < 0 < hi:
-        ax.axhline(0.0, color="white", lw=0.4, alpha=0.5)
-
-
-def _range_lines(ax, series: list[Histogram], title: str) -> None:
-    steps = [h.step for h in series]
-    ax.fill_between(steps, [h.edges[0] for h in series], [h.edges[-1] for h in series], color="C1", alpha=0.3,
-                    label="min to max")  # fmt: skip
-    ax.plot(steps, [h.total / h.num for h in series], color="C1", lw=1.2, label="mean")
-    ax.set_title(title, fontsize=8, loc="left")
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, frameon=False, loc="best")
-
-
-def _lr_series(data: RunData) -> dict[str, list[tuple[int, float]]]:
-    for prefix in ("train/lr/", "lr/"):
-        found = {t[len(prefix) :]: s for t, s in data.scalars.items() if t.startswith(prefix)}
-        if found:
-            return found
-    if "train/learning_rate" in data.scalars:
-        return {"learning_rate": data.scalars["train/learning_rate"]}
-    return {}
-
-
-def _lines(ax, series: dict[str, list[tuple[int, float]]], title: str, log: bool = False, max_legend: int = 10):
-    import matplotlib
-
-    if not series:
-        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, fontsize=9, color="grey")
-        ax.set_title(title, fontsize=9, loc="left")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return
-    cmap = matplotlib.colormaps["viridis"]
-    n = len(series)
-    for i, (name, points) in enumerate(series.items()):
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        if log:
-            ys = [y if y > 0 and math.isfinite(y) else np.nan for y in ys]
-        ax.plot(
-            xs,
-            ys,
-            color=cmap(i / max(1, n - 1)) if n > 1 else "C0",
-            lw=1.2,
-            marker="." if len(xs) < 30 else None,
-            label=name,
-        )
-    if log:
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=9, loc="left")
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    if 1 < n <= max_legend:
-        ax.legend(fontsize=6, ncol=2 if n > 5 else 1, frameon=False)
-    elif n > max_legend:
-        ax.text(
-            0.99,
-            0.98,
-            f"{n} series, bottom (dark) to top (light)",
-            ha="right",
-            va="top",
-            fontsize=6,
-            transform=ax.transAxes,
-        )
-
-
 def findings_table(findings: Sequence[dict[str, Any]], width: int = 119) -> str:
     """The findings as a plain-text table (step, severity, kind, layers, message)."""
     if not findings:
@@ -338,74 +237,359 @@ def render_report(run_dir: str | os.PathLike, output: str | os.PathLike | None =
     return _render(load_run(run_dir), run_dir, output)
 
 
+_SEVERITY_COLOURS = {"critical": "red", "warning": "darkorange", "info": "grey"}
+_EVAL_SKIP = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch"}
+
+
+def _max_step(data: RunData) -> int:
+    steps = [s for series in data.scalars.values() for s, _ in series[-1:]]
+    steps += [series[-1].step for series in data.histograms.values() if series]
+    return max(steps, default=1) or 1
+
+
+def _trainable_units(data: RunData, units: list[str]) -> list[str]:
+    """Units that trained: they have gradients or a drift from the start."""
+    marks = ("grad_norm/", "drift_ratio/", "update_ratio/")
+    seen = {t.split("/", 1)[1] for t in data.scalars if t.startswith(marks)}
+    seen |= {_unit_of(t) for t in data.histograms if t.startswith(("grads/", "drift/"))}
+    return [u for u in units if u in seen]
+
+
+def _unit_sizes(data: RunData) -> dict[str, int]:
+    """Number of parameter values of each unit, from the counts of its first weight and bias histograms."""
+    sizes: dict[str, int] = {}
+    for tag, series in data.histograms.items():
+        if tag.startswith(("weights/", "biases/")) and series:
+            unit = _unit_of(tag)
+            sizes[unit] = sizes.get(unit, 0) + int(round(series[0].num))
+    return sizes
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
+def _unit_colours(units: list[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    n = len(units)
+    return {u: cmap(0.9 * i / max(1, n - 1)) for i, u in enumerate(units)}
+
+
+def _mark_findings(ax, findings: Sequence[dict[str, Any]], numbers: bool = False) -> None:
+    """A dotted vertical line at the step of each finding (red critical, orange warning, grey info)."""
+    import matplotlib.transforms as mtransforms
+
+    trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for i, f in enumerate(findings, 1):
+        step = f.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        colour = _SEVERITY_COLOURS.get(f.get("severity"), "grey")
+        ax.axvline(step, color=colour, lw=0.9, ls=":", alpha=0.9, zorder=5)
+        if numbers:
+            ax.text(step, 1.0, str(i), transform=trans, color=colour, fontsize=7, ha="center", va="bottom",
+                    fontweight="bold", clip_on=False)  # fmt: skip
+
+
+def _heatmap(ax, series: list[Histogram], title: str, symmetric: bool = False) -> None:
+    import matplotlib.colors as mcolors
+
+    lo, hi = _pooled_range(series)
+    if not hi > lo:
+        lo, hi = min(h.edges[0] for h in series), max(h.edges[-1] for h in series)
+    if symmetric:
+        lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
+    if not hi > lo:
+        lo, hi = lo - 1e-3, hi + 1e-3
+    grid = np.linspace(lo, hi, _Y_BINS + 1)
+    columns = []
+    for h in series:
+        c = _rebin(h, grid)
+        total = h.counts.sum()
+        columns.append(c / total if total > 0 else c)
+    z = np.array(columns).T  # (bins, steps)
+    steps = np.array([h.step for h in series], dtype=float)
+    # column i covers (previous step, step]: what happened since the last histogram; the axis starts at 0
+    width = float(np.diff(steps).min()) if steps.size > 1 else max(steps[0], 1.0)
+    x_edges = np.concatenate([[max(steps[0] - width, 0.0)], steps])
+    if x_edges[1] <= x_edges[0]:
+        x_edges[1] = x_edges[0] + 0.5
+    positive = z[z > 0]
+    vmin = max(positive.min(), 1e-4) if positive.size else 1e-4
+    ax.pcolormesh(
+        x_edges,
+        grid,
+        np.maximum(z, vmin),
+        cmap="magma",
+        norm=mcolors.LogNorm(vmin=vmin, vmax=max(z.max(), vmin * 10)),
+        shading="flat",
+    )
+    ax.set_title(title, fontsize=8, loc="left")
+    ax.tick_params(labelsize=7)
+    if lo < 0 < hi:
+        ax.axhline(0.0, color="white", lw=0.4, alpha=0.5)
+
+
+def _range_lines(ax, series: list[Histogram], title: str) -> None:
+    steps = [h.step for h in series]
+    ax.fill_between(steps, [h.edges[0] for h in series], [h.edges[-1] for h in series], color="C1", alpha=0.3,
+                    label="min to max")  # fmt: skip
+    ax.plot(steps, [h.total / h.num for h in series], color="C1", lw=1.2, label="mean")
+    ax.set_title(title, fontsize=8, loc="left")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, frameon=False, loc="best")
+
+
+def _lr_series(data: RunData) -> dict[str, list[tuple[int, float]]]:
+    for prefix in ("train/lr/", "lr/"):
+        found = {t[len(prefix) :]: s for t, s in data.scalars.items() if t.startswith(prefix)}
+        found = {k: v for k, v in found.items() if not k.endswith("no_decay")} or found
+        if found:
+            return found
+    if "train/learning_rate" in data.scalars:
+        return {"learning_rate": data.scalars["train/learning_rate"]}
+    return {}
+
+
+def _lines(
+    ax,
+    series: dict[str, list[tuple[int, float]]],
+    title: str,
+    log: bool = False,
+    max_legend: int = 10,
+    colours: dict[str, Any] | None = None,
+    empty: str = "not logged",
+):
+    import matplotlib
+
+    ax.set_title(title, fontsize=9, loc="left")
+    if not series:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="grey")
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        return
+    cmap = matplotlib.colormaps["viridis"]
+    n = len(series)
+    for i, (name, points) in enumerate(series.items()):
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        if log:
+            ys = [y if y > 0 and math.isfinite(y) else np.nan for y in ys]
+        colour = (colours or {}).get(name) or (cmap(0.9 * i / max(1, n - 1)) if n > 1 else "C0")
+        ax.plot(xs, ys, color=colour, lw=1.2, marker="." if len(xs) < 30 else None, label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if 1 < n <= max_legend:
+        ax.legend(fontsize=6, ncol=2 if n > 5 else 1, frameon=False)
+    elif n > max_legend:
+        ax.text(0.99, 0.98, f"{n} series, bottom (dark) to top (light)", ha="right", va="top", fontsize=6,
+                transform=ax.transAxes)  # fmt: skip
+
+
+def _loss_panel(ax, data: RunData) -> None:
+    train = data.scalars.get("train/loss")
+    evals = data.scalars.get("eval/loss")
+    series = {}
+    if train:
+        series["training loss"] = train
+    if evals:
+        series["eval loss"] = evals
+    _lines(ax, series, "loss (training, eval)", colours={"training loss": "C0", "eval loss": "C3"})
+    for line in ax.get_lines():
+        if line.get_label() == "eval loss":
+            line.set_linestyle("--")
+            line.set_marker("o")
+            line.set_markersize(3)
+
+
+def _eval_panel(ax, data: RunData) -> None:
+    metrics = {t[len("eval/") :]: s for t, s in data.scalars.items() if t.startswith("eval/")}
+    metrics = {k: v for k, v in metrics.items() if k not in _EVAL_SKIP}
+    if len(metrics) == 2 and "combined_score" in metrics:  # one metric: combined_score repeats it
+        metrics.pop("combined_score")
+    _lines(ax, metrics, "eval metric", empty="no evaluation logged\n(set eval_strategy)")
+    for line in ax.get_lines():
+        line.set_marker("o")
+        line.set_markersize(3)
+    if metrics:
+        name, points = next(iter(metrics.items()))
+        best = max(points, key=lambda p: p[1])
+        ax.annotate(f"best {best[1]:.3f} @ {best[0]}", (best[0], best[1]), fontsize=6, xytext=(3, -9),
+                    textcoords="offset points")  # fmt: skip
+
+
+def _head_panel(ax, data: RunData) -> None:
+    implied = {t: s for t, s in data.scalars.items() if t.startswith("head/implied/")}
+    if not implied:
+        series = data.histograms.get("biases/head")
+        if series:
+            _range_lines(ax, series, f"output bias ({int(series[-1].num)} values)")
+        else:
+            _lines(ax, {}, "output bias")
+        return
+    link = next(iter(implied)).split("/")[2]
+    classes = sorted(implied, key=lambda t: int(t.rsplit("/", 1)[1]))
+    priors = {t.rsplit("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("head/label_prior/")}
+    applied = data.scalars.get("head/bias_prior_applied")
+    for i, tag in enumerate(classes):
+        k = tag.rsplit("/", 1)[1]
+        points = implied[tag]
+        colour = f"C{i % 10}"
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, lw=1.4,
+                marker="." if len(points) < 30 else None, label=f"class {k}")  # fmt: skip
+        if k in priors:
+            ax.axhline(priors[k][0][1], color=colour, lw=1.0, ls="--", alpha=0.8)
+    what = {
+        "softmax": "softmax(b): class probabilities the output bias implies",
+        "sigmoid": "sigmoid(b) per label",
+        "identity": "output bias b",
+    }.get(link, link)
+    ref = {"identity": "mean target"}.get(link, "label prior")
+    note = ""
+    if priors:
+        note = f"; dashed: {ref}" + (" (set as the bias at step 0)" if applied and applied[0][1] > 0 else "")
+    ax.set_title(f"{what}{note}", fontsize=8, loc="left")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if len(classes) <= 10:
+        ax.legend(fontsize=6, frameon=False, ncol=2 if len(classes) > 3 else 1)
+
+
 def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike | None) -> Path:
     # a bare Figure (Agg canvas) rather than pyplot: no global backend switch, nothing left open
     require("matplotlib", feature="Rendering the report (hf-wb report)")
     from matplotlib.figure import Figure
 
     output = Path(output) if output is not None else Path(run_dir) / "hf_wb_report.png"
-    units = _pick_rows(_units(data), MAX_UNIT_ROWS)
-    kinds = [k for k in ("weights", "biases", "grads") if any(_unit_series(data, k, u) for u in units)]
-    n_rows = len(units) if kinds else 0
-    n_findings = min(len(data.findings), 8)
-    height = 1.55 * n_rows + 3.2 + (0.28 * n_findings + 0.5 if data.findings else 0) + 0.8
+    all_units = _units(data)
+    trainable = _trainable_units(data, all_units)
+    frozen = [u for u in all_units if u not in trainable]
+    drift = any(t.startswith("drift/") for t in data.histograms)
+    rows_units = _pick_rows(trainable if trainable else all_units, MAX_UNIT_ROWS)
+    if drift:
+        kinds = [k for k in ("drift", "drift_biases", "grads") if any(_unit_series(data, k, u) for u in rows_units)]
+    else:
+        kinds = [k for k in ("weights", "biases", "grads") if any(_unit_series(data, k, u) for u in rows_units)]
+    n_rows = len(rows_units) if kinds else 0
+    findings = list(data.findings)
+    n_findings = min(len(findings), 10)
+    last = _max_step(data)
+
+    top_h, unit_h, note_h = 2.6, 1.5, 0.45
+    find_h = 0.26 * n_findings + 0.45 if findings else 0.0
+    ratios = [top_h, top_h, note_h] + [unit_h] * n_rows + ([find_h] if findings else [])
+    height = sum(ratios) + 1.4
     fig = Figure(figsize=(15, height), dpi=110)
-    ratios = [1.55] * n_rows + [3.2] + ([0.28 * n_findings + 0.5] if data.findings else [])
     grid = fig.add_gridspec(
-        len(ratios), 1, height_ratios=ratios, hspace=0.45, top=1 - 0.8 / height, bottom=0.03, left=0.05, right=0.98
-    )
-    fig.suptitle(f"hf-wb report: {Path(run_dir).resolve().name}", fontsize=12, x=0.01, ha="left")
-    if n_rows:
-        fig.text(
-            0.99,
-            1 - 0.25 / height,
-            "heat maps: x = step, y = value, colour = share of the unit's values in each bin at that step (log; black "
-            "= none); central 99% of values shown",
-            ha="right",
-            va="top",
-            fontsize=7,
-            color="dimgrey",
+        len(ratios), 1, height_ratios=ratios, hspace=0.55, top=1 - 0.75 / height, bottom=0.25 / height,
+        left=0.05, right=0.98,
+    )  # fmt: skip
+    fig.suptitle(f"hf-wb report: {Path(run_dir).resolve().name} (steps 0 to {last})", fontsize=12, x=0.01,
+                 ha="left")  # fmt: skip
+    fig.text(
+        0.99, 1 - 0.3 / height,
+        "every panel shares the step axis from 0; dotted verticals: diagnostics findings (numbered on the loss "
+        "panel, listed at the bottom; red critical, orange warning, grey info)",
+        ha="right", va="top", fontsize=7, color="dimgrey",
+    )  # fmt: skip
+    axes = []
+    colours = _unit_colours(all_units)
+
+    row1 = grid[0].subgridspec(1, 4, wspace=0.28)
+    ax = fig.add_subplot(row1[0, 0])
+    _loss_panel(ax, data)
+    _mark_findings(ax, findings, numbers=True)
+    axes.append(ax)
+    ax = fig.add_subplot(row1[0, 1])
+    _eval_panel(ax, data)
+    axes.append(ax)
+    ax = fig.add_subplot(row1[0, 2])
+    _lines(ax, _lr_series(data), "learning rate per param group", log=True, colours=colours)
+    axes.append(ax)
+    ax = fig.add_subplot(row1[0, 3])
+    _head_panel(ax, data)
+    axes.append(ax)
+
+    row2 = grid[1].subgridspec(1, 3, wspace=0.22)
+    ratio_series = {t.split("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("drift_ratio/")}
+    ax = fig.add_subplot(row2[0, 0])
+    _lines(ax, ratio_series, "drift from the start  ||W - W0|| / ||W0||  per unit", log=True, colours=colours,
+           empty="not recorded (WeightHistogramCallback(drift=True))")  # fmt: skip
+    axes.append(ax)
+    updates = {t.split("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("update_ratio/")}
+    ax = fig.add_subplot(row2[0, 1])
+    _lines(ax, updates, "update / weight ratio of one step  ||dW|| / ||W||", log=True, colours=colours)
+    if updates:
+        ax.axhline(1e-3, color="red", lw=0.8, ls="--", alpha=0.7)
+        ax.text(0.01, 1e-3, " ~1e-3 rule of thumb", color="red", fontsize=6, va="bottom",
+                transform=ax.get_yaxis_transform())  # fmt: skip
+    axes.append(ax)
+    grads = {t.split("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("grad_norm/")}
+    ax = fig.add_subplot(row2[0, 2])
+    _lines(ax, grads, "gradient norm per unit (after clipping)", log=True, colours=colours)
+    axes.append(ax)
+
+    note = fig.add_subplot(grid[2])
+    note.set_axis_off()
+    sizes = _unit_sizes(data)
+    total = sum(sizes.values())
+    if frozen:
+        n_frozen = sum(sizes.get(u, 0) for u in frozen)
+        share = f" ({_fmt_count(n_frozen)} of {_fmt_count(total)} values)" if total else ""
+        text = f"Frozen, not trained (drift 0, not drawn): {', '.join(frozen)}{share}."
+    else:
+        text = "Every unit trained."
+    if n_rows and drift:
+        text += (
+            "  Heat maps below, per trained unit: the distribution of W - W0 (weights, then biases) and of the "
+            "gradients; x = step, y = value, colour = share of the unit's values in each bin (log; black = none); "
+            "central 99% shown."
         )
+    elif n_rows:
+        text += "  Heat maps below: distributions of the weights, biases and gradients (no drift recorded)."
+    note.text(0, 0.5, text, va="center", ha="left", fontsize=8, wrap=True, transform=note.transAxes)
 
     if n_rows:
-        heat = grid[:n_rows].subgridspec(n_rows, len(kinds), hspace=0.6, wspace=0.18)
-        labels = {"weights": "weights", "biases": "biases", "grads": "gradients (after clipping)"}
-        for r, unit in enumerate(units):
+        heat = grid[3 : 3 + n_rows].subgridspec(n_rows, len(kinds), hspace=0.7, wspace=0.18)
+        labels = {
+            "drift": "W - W0 (weights)",
+            "drift_biases": "b - b0 (biases)",
+            "weights": "weights",
+            "biases": "biases",
+            "grads": "gradients (after clipping)",
+        }
+        for r, unit in enumerate(rows_units):
             for c, kind in enumerate(kinds):
                 ax = fig.add_subplot(heat[r, c])
                 series = _unit_series(data, kind, unit)
                 if series and max(h.num for h in series) <= SMALL_GROUP:
                     _range_lines(ax, series, f"{unit} {labels[kind]} ({int(series[-1].num)} values)")
                 elif series:
-                    _heatmap(ax, series, f"{unit} {labels[kind]}")
+                    _heatmap(ax, series, f"{unit} {labels[kind]}", symmetric=kind.startswith("drift"))
                 else:
-                    ax.set_axis_off()
+                    ax.set_yticks([])
                     ax.set_title(f"{unit} {labels[kind]}: none", fontsize=8, loc="left", color="grey")
                 if r == n_rows - 1:
                     ax.set_xlabel("step", fontsize=7)
-    bottom = grid[n_rows].subgridspec(1, 4, wspace=0.25)
-    loss = {k: v for k, v in data.scalars.items() if k == "train/loss"}
-    _lines(fig.add_subplot(bottom[0, 0]), {"loss": loss["train/loss"]} if loss else {}, "training loss")
-    _lines(fig.add_subplot(bottom[0, 1]), _lr_series(data), "learning rate per param group", log=True)
-    grads = {t.split("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("grad_norm/")}
-    _lines(fig.add_subplot(bottom[0, 2]), grads, "gradient norm per unit", log=True)
-    ratios_ = {t.split("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("update_ratio/")}
-    ax = fig.add_subplot(bottom[0, 3])
-    _lines(ax, ratios_, "update / weight ratio per unit", log=True)
-    if ratios_:
-        ax.axhline(1e-3, color="red", lw=0.8, ls="--", alpha=0.7)
-        ax.text(ax.get_xlim()[0], 1e-3, " ~1e-3", color="red", fontsize=6, va="bottom")
-    if data.findings:
-        ax = fig.add_subplot(grid[n_rows + 1])
+                axes.append(ax)
+    for ax in axes:
+        ax.set_xlim(0, last)
+        if ax is not axes[0]:
+            _mark_findings(ax, findings)
+    if findings:
+        ax = fig.add_subplot(grid[-1])
         ax.set_axis_off()
-        lines = [f"Diagnostics ({len(data.findings)} findings):"]
-        for f in data.findings[:n_findings]:
+        lines = [f"Diagnostics ({len(findings)} findings; `hf-wb report` prints them all with advice):"]
+        for i, f in enumerate(findings[:n_findings], 1):
             layers = ", ".join(f.get("layers", [])[:4]) + (" ..." if len(f.get("layers", [])) > 4 else "")
-            lines.append(
-                f"  step {f.get('step')}: [{f.get('severity')}] {f.get('kind')} in {layers}: {f.get('message', '')}"[
-                    :200
-                ]
-            )
+            head = f"  [{i}] step {f.get('step')}: {f.get('severity')} {f.get('kind')} in {layers}"
+            text = f"{head}: {f.get('message', '')}"
+            lines.append(text[:190])
         ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=8, family="monospace", transform=ax.transAxes)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output)

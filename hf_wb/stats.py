@@ -290,6 +290,8 @@ class ParamStats:
     _tracked: list[_Tracked] = field(init=False, repr=False)
     _snapshot: list[torch.Tensor | None] | None = field(init=False, default=None, repr=False)
     _views: list[torch.Tensor | None] = field(init=False, repr=False)
+    _reference: list[torch.Tensor | None] = field(init=False, repr=False)
+    _reference_sq: dict[str, float] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model = unwrap_model(self.model)
@@ -301,6 +303,8 @@ class ParamStats:
             stride = max(1, p.numel() // self.update_sample_size) if self.update_sample_size > 0 else 1
             self._tracked.append(_Tracked(entry, p, stride))
         self._views = [None] * len(self._tracked)
+        self._reference = [None] * len(self._tracked)
+        self._reference_sq = {}
 
     def _weights(self) -> list[torch.Tensor]:
         """Flat, detached views of the parameters (local shards), built once and rebuilt only when a parameter's
@@ -409,6 +413,63 @@ class ParamStats:
             w_sq[unit] = w_sq.get(unit, 0.0) + values[len(units) + i] ** 2
         return {u: (math.sqrt(d_sq[u] / w_sq[u]) if w_sq[u] > 0 else math.inf) for u in d_sq}
 
+    # -- drift from the starting weights ---------------------------------------------------------------------------
+    def keep_reference(self) -> int:
+        """Keep a CPU copy ``W0`` of every trainable parameter that has none yet; return the number of values copied.
+
+        Frozen parameters are not copied (their drift is 0 by construction); a parameter unfrozen later gets its copy
+        the first time this is called after it became trainable, which is its starting value, since a frozen
+        parameter does not change. Copies keep the parameter's dtype (exact, and no larger than the parameter); on a
+        CUDA device they go to pinned memory so the copies back are fast.
+        """
+        copied = 0
+        views = self._weights()
+        for i, t in enumerate(self._tracked):
+            if self._reference[i] is not None or not t.param.requires_grad or not t.param.is_floating_point():
+                continue
+            v = views[i]
+            ref = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=v.is_cuda)
+            ref.copy_(v)
+            self._reference[i] = ref
+            self._reference_sq[t.entry.unit] = self._reference_sq.get(t.entry.unit, 0.0) + float(
+                torch.dot(ref.double(), ref.double())
+            )
+            copied += ref.numel()
+        return copied
+
+    @property
+    def reference_bytes(self) -> int:
+        """Memory held by the ``W0`` copies."""
+        return sum(r.numel() * r.element_size() for r in self._reference if r is not None)
+
+    def drift_histograms(self, bins: int = 64) -> tuple[dict[str, HistogramData], dict[str, float]]:
+        """Histograms of ``W - W0`` and the relative drift ``||W - W0|| / ||W0||`` of every unit with a reference.
+
+        Returns ``({"drift/<unit>": weights (norms included), "drift_biases/<unit>": biases}, {unit: ratio})``; the
+        ratio covers all the unit's parameters that have a reference (weights and biases). Computed unit by unit on
+        the parameters' device, so at most one unit's differences exist at a time (float32).
+        """
+        views = self._weights()
+        by_unit: dict[str, list[int]] = {}
+        for i, t in enumerate(self._tracked):
+            if self._reference[i] is not None:
+                by_unit.setdefault(t.entry.unit, []).append(i)
+        hists: dict[str, HistogramData] = {}
+        ratios: dict[str, float] = {}
+        for unit, idx in by_unit.items():
+            groups: dict[str, list[torch.Tensor]] = {}
+            for i in idx:
+                v = views[i]
+                ref = self._reference[i].to(v.device, non_blocking=True)
+                tag = "drift_biases" if self._tracked[i].entry.kind == BIASES else "drift"
+                groups.setdefault(f"{tag}/{unit}", []).append(v.float() - ref.float())
+            unit_hists = histograms(groups, bins)
+            hists.update(unit_hists)
+            w0 = self._reference_sq.get(unit, 0.0)
+            d = sum(h.sum_squares for h in unit_hists.values())
+            ratios[unit] = math.sqrt(d / w0) if w0 > 0 else math.inf
+        return hists, ratios
+
     # -- histograms ------------------------------------------------------------------------------------------------
     def histogram_groups(self, split_subroles: bool = True) -> dict[str, list[int]]:
         """Histogram tags of weights and biases -> indices of the tracked parameters in each.
@@ -479,6 +540,30 @@ class ParamStats:
                 bad = float(x.abs().amax()) > limit
             if bad:
                 return t.entry.name, t.entry.unit
+        return None
+
+    def first_nonfinite_step(self, limit_fraction: float | None = None) -> tuple[str, str, str] | None:
+        """The weights, then the gradients, checked in one pass (one fused norm per tensor, one synchronisation):
+        ``(name, unit, "weights" | "gradients")`` of the first tensor in forward order holding NaN/Inf (or a
+        magnitude above ``limit_fraction`` of its dtype's maximum), weights first since a non-finite weight makes
+        every gradient below it non-finite too; ``None`` when all are finite."""
+        items = []
+        for where, xs in (("weights", self._weights()), ("gradients", self._grads())):
+            for t, x in zip(self._tracked, xs, strict=True):
+                if x is not None and x.numel() and x.is_floating_point():
+                    items.append((where, t, x))
+        if not items:
+            return None
+        norms = to_floats(_norms([x for _, _, x in items]))
+        for (where, t, x), norm in zip(items, norms, strict=True):
+            limit = math.inf if limit_fraction is None else limit_fraction * torch.finfo(x.dtype).max
+            if math.isfinite(norm) and norm <= limit:
+                continue
+            bad = not bool(torch.isfinite(x).all())
+            if not bad and limit_fraction is not None:
+                bad = float(x.abs().amax()) > limit
+            if bad:
+                return t.entry.name, t.entry.unit, where
         return None
 
     def all_finite(self) -> bool:

@@ -20,6 +20,9 @@ What it adds to the Trainer, and where:
   resume takes the newest complete checkpoint;
 - ``train``: a termination signal finishes the step, saves a checkpoint and raises
   :class:`~hf_wb.callbacks.preemption.TrainingPreempted` (:mod:`hf_wb.callbacks.preemption`).
+- ``_save_checkpoint`` / ``save_model``: weights holding NaN/Inf are never written (a checkpoint is skipped with an
+  error in the log, so the older, finite checkpoints are not rotated away; ``save_model`` raises
+  :class:`NonFiniteWeightsError`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from hf_wb.checkpoints import (
     STATE_NAME,
     changed_training_settings,
     finished_run,
+    last_complete_checkpoint,
     resolve_resume,
     training_settings,
     write_json_atomic,
@@ -57,9 +61,13 @@ from hf_wb.param_groups import NO_DECAY_SUFFIX, build_param_groups, decay_parame
 from hf_wb.prefix_cache import INDEX_COLUMN, CacheUnsupported, PrefixCache, cache_boundary
 from hf_wb.tickets import check_checkpoint_masks
 
-__all__ = ["WBTrainer", "STATE_NAME"]
+__all__ = ["WBTrainer", "STATE_NAME", "NonFiniteWeightsError"]
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteWeightsError(ValueError):
+    """The model holds NaN/Inf weights: saving it would write a model that cannot be used."""
 
 
 class WBTrainer(Trainer):
@@ -135,6 +143,8 @@ class WBTrainer(Trainer):
 
         tensorboard = next((c for c in self.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
         pattern = self.wb_config.layers_pattern
+        from hf_wb.callbacks.diagnostics import DiagnosticsConfig
+
         if self.wb_config.histogram_steps and tensorboard is None and not is_available("tensorboard"):
             _warn_once(
                 "hf_wb weight histograms are off: they are written to TensorBoard, which is not installed. Install it "
@@ -143,12 +153,24 @@ class WBTrainer(Trainer):
         elif self.wb_config.histogram_steps:
             self._wb_callbacks.append(
                 WeightHistogramCallback(
-                    every_n_steps=self.wb_config.histogram_steps, writer=tensorboard, layers_pattern=pattern
+                    every_n_steps=self.wb_config.histogram_steps,
+                    writer=tensorboard,
+                    layers_pattern=pattern,
+                    labels=self._train_labels(),
                 )
             )
-        if self.wb_config.diagnostics:
+        if self.wb_config.diagnostics or self.wb_config.stop_on_nonfinite:
+            every = self.wb_config.diagnostics_interval
+            config = DiagnosticsConfig(every_n_steps=every, activation_window=min(every, 10))
             self._wb_callbacks.append(
-                WeightDiagnosticsCallback(writer=tensorboard, labels=self._train_labels(), layers_pattern=pattern)
+                WeightDiagnosticsCallback(
+                    config,
+                    writer=tensorboard,
+                    labels=self._train_labels(),
+                    layers_pattern=pattern,
+                    stop_on_nonfinite=self.wb_config.stop_on_nonfinite,
+                    nonfinite_only=not self.wb_config.diagnostics,
+                )
             )
         for callback in self._wb_callbacks:
             callback.lmap = self.wb_layer_map
@@ -183,6 +205,16 @@ class WBTrainer(Trainer):
         model = super().call_model_init(trial)
         self._apply_recipe(model)
         return model
+
+    # ----- numerical faults -----------------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # the Trainer itself synchronises on this loss right after (its NaN/Inf logging filter): no extra wait
+        if self.wb_config.stop_on_nonfinite and not bool(torch.isfinite(loss.detach()).all()):
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "note_nonfinite_loss"):
+                    callback.note_nonfinite_loss(self.state.global_step + 1, float(loss.detach().float().mean()))
+        return loss
 
     # ----- optimizer ------------------------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -270,7 +302,36 @@ class WBTrainer(Trainer):
             **(self.wb_unfreezer.state_dict() if self.wb_unfreezer is not None else {}),
         }
 
+    def wb_first_nonfinite(self) -> str | None:
+        """Name of the first parameter (in forward order) holding NaN/Inf, or ``None`` when every weight is finite."""
+        from hf_wb.stats import ParamStats
+
+        found = ParamStats(unwrap_model(self.model), self.wb_config.layers_pattern).first_nonfinite()
+        return None if found is None else found[0]
+
+    @property
+    def wb_stopped_on_nonfinite(self) -> int | None:
+        """The step at which ``stop_on_nonfinite`` stopped training, or ``None``."""
+        from hf_wb.callbacks import WeightDiagnosticsCallback
+
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, WeightDiagnosticsCallback) and cb.stopped_at is not None:
+                return cb.stopped_at
+        return None
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        bad = self.wb_first_nonfinite()
+        if bad is not None:
+            last = last_complete_checkpoint(self._get_output_dir(trial=trial)) if self.args.should_save else None
+            logger.error(
+                "hf_wb: not saving the checkpoint of step %d: the weights hold NaN/Inf (first: `%s`). The last "
+                "checkpoint with finite weights is kept (%s); resume from it with a lower learning rate or "
+                "`max_grad_norm`.",
+                self.state.global_step,
+                bad,
+                last or "none yet",
+            )
+            return
         # hf_wb's files first: the Trainer writes trainer_state.json last, then pushes the checkpoint and deletes
         # older ones (save_total_limit), so the checkpoint is complete before anything counts it as saved.
         if self.args.should_save:
@@ -290,6 +351,16 @@ class WBTrainer(Trainer):
         super()._push_from_checkpoint(checkpoint_folder)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        bad = self.wb_first_nonfinite() if self.model is not None else None
+        if bad is not None:
+            last = (
+                last_complete_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir or "") else None
+            )
+            raise NonFiniteWeightsError(
+                f"Refusing to save the model to {output_dir or self.args.output_dir}: its weights hold NaN/Inf (first "
+                f"in forward order: `{bad}`). The last checkpoint with finite weights is {last or 'none'}; resume "
+                "from it with a lower learning rate or gradient clipping (`max_grad_norm`), and see diagnostics.json."
+            )
         if self.args.should_save and not _internal_call:  # before the Trainer's push_to_hub of the saved model
             os.makedirs(output_dir or self.args.output_dir, exist_ok=True)
             self.wb_config.save_pretrained(output_dir or self.args.output_dir)

@@ -148,7 +148,7 @@ def test_healthy_tiny_bert_is_silent(tmp_path):
     )
     assert callback.findings == []
     assert trainer.state.log_history[-2]["loss"] < 0.7
-    assert not (tmp_path / "diagnostics.json").exists()
+    assert json.loads((tmp_path / "diagnostics.json").read_text()) == []  # checked and healthy
 
 
 def test_healthy_relu_mlp_is_silent(tmp_path):

@@ -101,6 +101,7 @@ def test_event_files_hold_the_expected_tags_and_steps(tmp_path):
     expected = {f"weights/{b}/{r}" for b in blocks for r in ("attn", "ffn", "norm")}
     expected |= {f"biases/{u}" for u in UNITS} | {f"grads/{u}" for u in UNITS}
     expected |= {"weights/embeddings", "weights/embeddings/norm", "weights/head"}
+    expected |= {f"drift/{u}" for u in UNITS} | {f"drift_biases/{u}" for u in UNITS}
     assert hist == expected
     scalars = set(acc.Tags()["scalars"])
     for prefix in ("weight_norm", "grad_norm", "update_ratio"):
@@ -203,7 +204,7 @@ def test_fallback_grouping_for_models_without_blocks(tmp_path):
     train(SequentialMLP(), VectorData(), tmp_path, [WeightHistogramCallback(every_n_steps=1)], steps=2)
     acc = events(tmp_path / "runs" / "hf_wb")
     assert set(acc.Tags()["histograms"]) == {
-        f"{kind}/net.{i}" for kind in ("weights", "biases", "grads") for i in (0, 2, 4)
+        f"{kind}/net.{i}" for kind in ("weights", "biases", "grads", "drift", "drift_biases") for i in (0, 2, 4)
     }
 
 
@@ -292,6 +293,64 @@ def test_update_ratio_on_a_strided_sample():
     (ratio,) = stats.update_ratios().values()
     assert ratio == pytest.approx(0.01, rel=1e-3)
     assert stats.update_ratios() == {}  # the snapshot is consumed
+
+
+def test_drift_from_the_start_matches_the_weights_and_skips_frozen_units(tmp_path):
+    model = tiny_model("bert")
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, TokenData(), tmp_path, [WeightHistogramCallback(every_n_steps=2)], steps=4, learning_rate=1e-2)
+    acc = events(tmp_path / "runs" / "hf_wb")
+    assert "drift/embeddings" not in acc.Tags()["histograms"]  # frozen: no copy kept, nothing drawn
+    assert "drift_ratio/embeddings" not in acc.Tags()["scalars"]
+    assert steps_of(acc, "drift/block_02") == [2, 4]
+    assert steps_of(acc, "drift_ratio/block_02") == [0, 2, 4]
+    names = [n for n in start if n.startswith("bert.encoder.layer.2.")]
+    params = dict(model.named_parameters())
+    delta = torch.cat([(params[n].detach() - start[n]).reshape(-1) for n in names])
+    w0 = torch.cat([start[n].reshape(-1) for n in names])
+    ratios = {e.step: e.value for e in acc.Scalars("drift_ratio/block_02")}
+    assert ratios[0] == 0.0
+    assert ratios[4] == pytest.approx((delta.norm() / w0.norm()).item(), rel=1e-4)
+    (last,) = [h for h in acc.Histograms("drift/block_02") if h.step == 4]
+    weights = [n for n in names if not n.endswith("bias")]
+    assert last.histogram_value.num == sum(params[n].numel() for n in weights)
+    assert last.histogram_value.sum == pytest.approx(
+        sum((params[n].detach() - start[n]).double().sum().item() for n in weights), abs=1e-4
+    )
+
+
+def test_reference_copies_are_on_the_cpu_and_only_for_trainable_parameters():
+    model = tiny_model("bert")
+    for p in model.bert.encoder.layer[0].parameters():
+        p.requires_grad_(False)
+    stats = ParamStats(model)
+    copied = stats.keep_reference()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert copied == trainable and stats.reference_bytes == 4 * trainable
+    assert all(r is None or r.device.type == "cpu" for r in stats._reference)
+    assert stats.keep_reference() == 0  # copied once
+    for p in model.bert.encoder.layer[0].parameters():  # unfrozen later: copied from then on
+        p.requires_grad_(True)
+    assert stats.keep_reference() == sum(p.numel() for p in model.bert.encoder.layer[0].parameters())
+    _, ratios = stats.drift_histograms()
+    assert set(ratios) == {"embeddings", "block_00", "block_01", "block_02", "block_03", "head"}
+    assert all(v == 0.0 for v in ratios.values())
+
+
+def test_output_bias_lines_and_label_prior(tmp_path):
+    model = tiny_model("bert")
+    data = TokenData()
+    train(model, data, tmp_path, [WeightHistogramCallback(every_n_steps=2)], steps=2)
+    acc = events(tmp_path / "runs" / "hf_wb")
+    p1 = data.y.float().mean().item()
+    assert [e.value for e in acc.Scalars("head/label_prior/1")] == pytest.approx([p1])
+    assert [e.value for e in acc.Scalars("head/bias_prior_applied")] == [0.0]  # a plain Trainer: no recipe
+    bias = model.classifier.bias.detach()
+    (implied,) = [e.value for e in acc.Scalars("head/implied/softmax/1") if e.step == 2]
+    assert implied == pytest.approx(bias.softmax(0)[1].item(), rel=1e-5)
+    assert [e.step for e in acc.Scalars("head/bias/0")] == [0, 2]
 
 
 DDP_SCRIPT = """

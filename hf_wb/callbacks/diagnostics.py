@@ -1,7 +1,8 @@
 """Diagnostics that read the weights, gradients, activations and loss during training and give plain advice.
 
-:class:`WeightDiagnosticsCallback` checks a model every ``DiagnosticsConfig.every_n_steps`` optimizer steps and
-raises a :class:`Finding` (severity, kind, layers, evidence numbers, advice) for each of these patterns:
+:class:`WeightDiagnosticsCallback` checks a model every ``DiagnosticsConfig.every_n_steps`` optimizer steps, and
+always at the last step (so a run shorter than the interval is still checked), and raises a :class:`Finding`
+(severity, kind, layers, evidence numbers, advice) for each of these patterns:
 
 ``dead_units``
     Forward hooks on the activation modules record, over the last ``activation_window`` training steps before each
@@ -22,8 +23,17 @@ raises a :class:`Finding` (severity, kind, layers, evidence numbers, advice) for
 ``nonfinite``
     NaN/Inf, or a magnitude above ``limit_fraction`` of the dtype's largest value, in the weights (checked every
     ``nonfinite_every_n_steps`` steps, then located), the gradients (at checks; skipped with fp16 loss scaling, where
-    an overflowing step is skipped by design), or the logged ``loss`` / ``grad_norm``. With
-    ``stop_on_nonfinite=True`` training stops cleanly (``control.should_training_stop``), on every rank together.
+    an overflowing step is skipped by design), the logged ``loss`` / ``grad_norm``, or the training targets (read at
+    the start: a NaN regression score makes every later number NaN; the advice then points at the data). The finding
+    names the first tensor in forward order that holds such values. With ``stop_on_nonfinite=True`` the gradients
+    are checked at *every* step (one fused norm per tensor, one synchronisation, and one all-reduce of a flag when
+    several processes train): at the first non-finite gradient the step's gradients are discarded (set to ``None``,
+    so the optimizer step leaves the weights as they were) and training stops cleanly
+    (``control.should_training_stop``) on every rank together; non-finite targets are refused before training.
+``loss_divergence``
+    The logged training loss, smoothed (exponential moving average with weight ``loss_smoothing`` on the past),
+    stays above ``loss_divergence_factor`` times its running minimum *and* above its first smoothed value for
+    ``patience`` consecutive logged losses: the run is diverging (a learning rate too high, no gradient clipping).
 ``update_ratio_high`` / ``update_ratio_low``
     ``||dW|| / ||W||`` of a unit across one optimizer step, far from the ~1e-3 rule of thumb for ``patience``
     consecutive checks: above ``update_ratio_high``, or below ``update_ratio_low`` while the unit's learning rate is
@@ -40,8 +50,9 @@ raises a :class:`Finding` (severity, kind, layers, evidence numbers, advice) for
 Each finding is logged as a warning once per (kind, layer), written to TensorBoard as text (``diagnostics/<kind>``)
 and appended to ``<output_dir>/diagnostics.json`` (a JSON list of dicts, rewritten as findings arrive; a new run
 starts a new list, a run resumed from a checkpoint keeps the findings up to its step). Everything
-runs on the main process only, except the non-finite weight check when ``stop_on_nonfinite`` is set (all ranks
-check their weights and agree through an all-reduce, so they stop together).
+runs on the main process only, except the non-finite checks when ``stop_on_nonfinite`` is set (all ranks check
+and agree through an all-reduce, so they stop together). ``diagnostics.json`` is written after every completed
+check even when there is nothing to report: an empty list means "checked and healthy", no file means "not checked".
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ KINDS = (
     "bimodal_weights",
     "shrinking_weights",
     "nonfinite",
+    "loss_divergence",
     "update_ratio_high",
     "update_ratio_low",
     "vanishing_gradients",
@@ -122,6 +134,8 @@ class DiagnosticsConfig:
         min_blocks: the depth test needs at least this many blocks with gradients.
         bias_prior_kl: report when ``KL(label prior || prior implied by the output bias)`` exceeds this (nats).
         max_label_examples: read at most this many training labels for the bias-prior check.
+        loss_smoothing: weight of the past in the moving average of the logged loss (0 = no smoothing).
+        loss_divergence_factor: report divergence when the smoothed loss exceeds this many times its running minimum.
     """
 
     every_n_steps: int = field(default=100, metadata={"help": "Check every this many optimizer steps. Default 100."})
@@ -228,6 +242,21 @@ class DiagnosticsConfig:
         },
     )
 
+    loss_smoothing: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the past in the exponential moving average of the logged training loss (0 = no "
+            "smoothing). Default 0.5."
+        },
+    )
+    loss_divergence_factor: float = field(
+        default=2.0,
+        metadata={
+            "help": "Report loss divergence when the smoothed loss stays above this many times its running minimum, "
+            "and above its first value, for `patience` logged losses. Default 2."
+        },
+    )
+
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "activation_window", "shrink_window", "patience", "min_blocks"):
             value = getattr(self, name)
@@ -263,6 +292,13 @@ class DiagnosticsConfig:
             raise ValueError(f"`bimodality_min_numel`={self.bimodality_min_numel} must be >= 4.")
         if self.max_label_examples < 1:
             raise ValueError(f"`max_label_examples`={self.max_label_examples} must be >= 1.")
+        if not 0.0 <= self.loss_smoothing < 1.0:
+            raise ValueError(f"`loss_smoothing`={self.loss_smoothing} must be in [0, 1) (0 = no smoothing).")
+        if not self.loss_divergence_factor > 1.0:
+            raise ValueError(
+                f"`loss_divergence_factor`={self.loss_divergence_factor} must be > 1 (a loss above its own minimum "
+                "is normal noise below that)."
+            )
 
 
 @dataclass
@@ -302,6 +338,8 @@ _ADVICE = {
     "decay too strong; lower `weight_decay` (0.01 is typical with AdamW) or the learning rate.",
     "nonfinite": "values overflowed: enable gradient clipping (`max_grad_norm`, e.g. 1.0), lower the learning rate, "
     "and prefer bf16 to fp16 (or keep loss scaling on).",
+    "loss_divergence": "the training loss is diverging: lower the learning rate (3-10x) and enable gradient clipping "
+    "(`max_grad_norm`, e.g. 1.0); a longer warm-up (`warmup_steps`) helps too.",
     "update_ratio_high": "updates are large relative to the weights (rule of thumb ~1e-3 per step): the learning rate "
     "is too high for these layers; lower it (or their layer-wise multiplier).",
     "update_ratio_low": "updates are tiny relative to the weights (rule of thumb ~1e-3 per step): the learning rate "
@@ -313,6 +351,18 @@ _ADVICE = {
     "bias_prior": "the output bias does not match the label prior, so the first updates are spent learning class "
     "frequencies: initialise the bias to log(prior) (`WBConfig(bias_prior=True)`, hf_wb.heads.init_bias_prior).",
 }
+
+
+_ADVICE_TARGETS = (
+    "the training targets themselves hold NaN/Inf, so the loss is NaN whatever the model does: fix the data (drop or "
+    "repair those rows; for GLUE STS-B the score must be a number in 0..5); clipping or a lower learning rate cannot "
+    "help."
+)
+_ADVICE_LOSS = (
+    "the loss became NaN/Inf. If the weights are finite (see the evidence), the forward pass produced it: look for "
+    "NaN/Inf in the inputs or targets first (a NaN regression score does this), then an overflow (fp16: use bf16). "
+    "If the weights overflowed, enable gradient clipping (`max_grad_norm`, e.g. 1.0) and lower the learning rate."
+)
 
 
 class WeightDiagnosticsCallback(TrainerCallback):
@@ -329,9 +379,12 @@ class WeightDiagnosticsCallback(TrainerCallback):
         layers_pattern: passed to :func:`hf_wb.layers.layer_map`.
         lmap: the run's layer map (``WBTrainer`` passes its own, so every callback sees the same units); None =
             computed from the model and ``layers_pattern`` at the start of training.
+        nonfinite_only: run only the non-finite checks (targets, gradients, weights, logged loss); what
+            ``WBConfig(diagnostics=False, stop_on_nonfinite=True)`` uses.
 
     Attributes:
         findings: every finding reported so far, in order.
+        stopped_at: the step at which ``stop_on_nonfinite`` stopped training, else ``None``.
     """
 
     def __init__(
@@ -343,6 +396,7 @@ class WeightDiagnosticsCallback(TrainerCallback):
         log_dir: str | None = None,
         layers_pattern: str | None = None,
         lmap: LayerMap | None = None,
+        nonfinite_only: bool = False,
     ) -> None:
         if config is not None and not isinstance(config, DiagnosticsConfig):
             raise TypeError(f"`config` must be a DiagnosticsConfig, got {type(config).__name__}.")
@@ -351,6 +405,7 @@ class WeightDiagnosticsCallback(TrainerCallback):
         self.labels = labels
         self.layers_pattern = layers_pattern
         self.lmap = lmap
+        self.nonfinite_only = nonfinite_only
         self._slot = _WriterSlot(writer, log_dir)
         self.findings: list[Finding] = []
         self._reset()
@@ -372,14 +427,30 @@ class WeightDiagnosticsCallback(TrainerCallback):
         self._unit_groups: dict[str, list[int]] = {}
         self._stop = False
         self._fp16_scaling = False
+        self._checked = False
+        self._loss_ema: float | None = None
+        self._loss_first: float | None = None
+        self._loss_min: tuple[float, int] | None = None
+        self._targets_checked: bool | None = None
+        self._loss_origin: tuple[int, float] | None = None
+        self.stopped_at: int | None = None
 
     # -- emitting -----------------------------------------------------------------------------------------------------
-    def _emit(self, kind: str, severity: str, step: int, layers: list[str], message: str, evidence: dict) -> None:
+    def _emit(
+        self,
+        kind: str,
+        severity: str,
+        step: int,
+        layers: list[str],
+        message: str,
+        evidence: dict,
+        advice: str | None = None,
+    ) -> None:
         new = [x for x in layers if (kind, x) not in self._seen]
         if not new:
             return
         self._seen.update((kind, x) for x in new)
-        finding = Finding(kind, severity, step, new, message, _ADVICE[kind], evidence)
+        finding = Finding(kind, severity, step, new, message, advice or _ADVICE[kind], evidence)
         self.findings.append(finding)
         logger.warning(
             "[hf_wb diagnostics] %s (%s) at step %d in %s: %s Advice: %s",
@@ -393,12 +464,17 @@ class WeightDiagnosticsCallback(TrainerCallback):
         if self._slot.alive:
             self._slot.writer.add_text(f"diagnostics/{kind}", finding.to_markdown(), step)
             self._slot.flush()
-        if self._json_path is not None:
-            os.makedirs(os.path.dirname(self._json_path) or ".", exist_ok=True)
-            tmp = self._json_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump([x.to_dict() for x in self.findings], f, indent=2, sort_keys=True)
-            os.replace(tmp, self._json_path)
+        self._save()
+
+    def _save(self) -> None:
+        """Write ``diagnostics.json`` (main process): the findings so far; ``[]`` = checked and healthy."""
+        if self._json_path is None:
+            return
+        os.makedirs(os.path.dirname(self._json_path) or ".", exist_ok=True)
+        tmp = self._json_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump([x.to_dict() for x in self.findings], f, indent=2, sort_keys=True)
+        os.replace(tmp, self._json_path)
 
     # -- set-up ------------------------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -412,7 +488,9 @@ class WeightDiagnosticsCallback(TrainerCallback):
         model = unwrap_model(model)
         self._stats = ParamStats(model, self.layers_pattern, lmap=self.lmap)
         self._fp16_scaling = bool(getattr(args, "fp16", False))
+        labels = self._labels(kwargs.get("train_dataloader"))
         if not self._main:
+            self._check_targets(labels, state.global_step)  # with stop_on_nonfinite every rank refuses
             return
         try:
             self._slot.open(args, state)
@@ -427,12 +505,15 @@ class WeightDiagnosticsCallback(TrainerCallback):
             else:  # a new run: old findings would mislead
                 os.remove(self._json_path)
         self._optimizer = kwargs.get("optimizer")
+        self._check_targets(labels, state.global_step)
+        if self.nonfinite_only:
+            return
         self._map_unit_groups()
         self._find_activations(model)
         for unit, norm in self._stats.weight_norms().items():
             self._norm_history[unit] = deque([norm], maxlen=self.config.shrink_window + 1)
         self._bc_initial = self._stats.bimodality(self.config.bimodality_min_numel)
-        self._check_bias_prior(model, kwargs.get("train_dataloader"), state.global_step)
+        self._check_bias_prior(model, labels, state.global_step)
 
     def _map_unit_groups(self) -> None:
         if self._optimizer is None:
@@ -482,7 +563,11 @@ class WeightDiagnosticsCallback(TrainerCallback):
 
     # -- events -------------------------------------------------------------------------------------------------------
     def _steps_to_check(self, state: TrainerState) -> int:
-        return (-(state.global_step + 1)) % self.config.every_n_steps
+        """Optimizer steps after the coming one until the next check: every ``every_n_steps``, and the last step."""
+        regular = (-(state.global_step + 1)) % self.config.every_n_steps
+        if state.max_steps and state.max_steps > 0:
+            return min(regular, max(state.max_steps - state.global_step - 1, 0))
+        return regular
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not self._main or self._stats is None or self._hooks or not self._activations:
@@ -492,12 +577,34 @@ class WeightDiagnosticsCallback(TrainerCallback):
             self._add_hooks()
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self._main or self._stats is None or self._steps_to_check(state) != 0:
+        if self._stats is None:
             return
         step = state.global_step + 1
+        grads_checked = False
+        if self.stop_on_nonfinite and not self._fp16_scaling:
+            bad = self._stats.first_nonfinite_step(limit_fraction=self.config.limit_fraction)
+            grads_checked = True
+            if not _all_ranks_agree(bad is None):
+                if self._main and self._loss_origin is not None and bad is not None and bad[2] == "gradients":
+                    self._report_nonfinite_loss(step, self._loss_origin[1])
+                elif bad is not None and self._main:
+                    note = ""
+                    if bad[2] == "gradients" and getattr(args, "max_grad_norm", 0):
+                        note = (
+                            " Gradient clipping scales every gradient by the total norm, so one non-finite gradient "
+                            "makes them all non-finite: the first tensor named may not be where it arose."
+                        )
+                    self._report_nonfinite(step, bad[:2], bad[2], discarded=bad[2] == "gradients", note=note)
+                for p in self._stats.model.parameters():  # the optimizer step leaves the weights as they were
+                    p.grad = None
+                self._halt(step)
+                control.should_training_stop = True
+                return control
+        if not self._main or self.nonfinite_only or self._steps_to_check(state) != 0:
+            return
         self._pending_check = step
         self._grad_rms = self._stats.grad_rms()
-        if not self._fp16_scaling:
+        if not self._fp16_scaling and not grads_checked:
             bad = self._stats.first_nonfinite(grads=True, limit_fraction=self.config.limit_fraction)
             if bad is not None:
                 self._report_nonfinite(step, bad, "gradients")
@@ -509,15 +616,26 @@ class WeightDiagnosticsCallback(TrainerCallback):
         step, self._pending_check = self._pending_check, None
         ratios = self._stats.update_ratios()
         self._remove_hooks()
+        self._checked = True
         bad = self._stats.first_nonfinite(limit_fraction=self.config.limit_fraction)
         if bad is not None:
             self._report_nonfinite(step, bad, "weights")
+            self._save()
             return  # the other statistics are meaningless on overflowed weights
         self._check_dead_units(step)
         self._check_bimodality(step)
         self._check_shrinking(step, self._stats.weight_norms())
         self._check_update_ratios(step, ratios)
         self._check_depth(step)
+        self._save()  # also when nothing was found: [] = checked and healthy
+
+    def _halt(self, step: int) -> None:
+        self._stop = True
+        if self.stopped_at is None:
+            self.stopped_at = step
+            logger.warning(
+                "[hf_wb diagnostics] stopping training at step %d: non-finite values (see the finding above).", step
+            )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         every = self.config.nonfinite_every_n_steps or self.config.every_n_steps
@@ -538,42 +656,92 @@ class WeightDiagnosticsCallback(TrainerCallback):
         # with several processes, stop only on the steps where the ranks agreed
         may_stop = check_now or not _distributed()
         if self._stop and self.stop_on_nonfinite and may_stop and not control.should_training_stop:
-            logger.warning("[hf_wb diagnostics] stopping training at step %d: non-finite values.", state.global_step)
+            self._halt(state.global_step)
             control.should_training_stop = True
             return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not logs:
             return
+        loss = logs.get("loss")
+        if (
+            state.is_world_process_zero
+            and not self.nonfinite_only
+            and isinstance(loss, (int, float))
+            and math.isfinite(loss)
+        ):
+            self._check_divergence(args, state.global_step, float(loss))
         bad = {
             k: v
             for k, v in logs.items()
             if k in ("loss", "grad_norm") and isinstance(v, (int, float)) and not math.isfinite(v)
         }
-        if not bad:
+        if not bad or self.stopped_at is not None:  # already reported when training was stopped
             return
         if state.is_world_process_zero:
+            where = self._stats.first_nonfinite(limit_fraction=self.config.limit_fraction) if self._stats else None
+            evidence: dict[str, Any] = {k: str(v) for k, v in bad.items()}
+            if self._stats is not None:
+                evidence["weights"] = "finite" if where is None else f"first non-finite: {where[0]}"
+            if self._targets_checked is not None:
+                evidence["targets"] = "finite" if self._targets_checked else "NaN/Inf"
             self._emit(
                 "nonfinite",
                 "critical",
                 state.global_step,
                 sorted(bad),
-                f"the logged {' and '.join(sorted(bad))} became {', '.join(str(v) for v in bad.values())}.",
-                {k: str(v) for k, v in bad.items()},
+                f"the logged {' and '.join(sorted(bad))} became {', '.join(str(v) for v in bad.values())}"
+                + (f"; the first non-finite weight in forward order is `{where[0]}`." if where else "."),
+                evidence,
+                advice=_ADVICE_LOSS,
             )
         self._stop = True
         if self.stop_on_nonfinite and not control.should_training_stop:
+            self._halt(state.global_step)
             control.should_training_stop = True
             return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._checked:
+            self._save()
         self._remove_hooks()
         self._slot.close()
         self._stats = None
         self._optimizer = None
 
     # -- the checks ---------------------------------------------------------------------------------------------------
-    def _report_nonfinite(self, step: int, bad: tuple[str, str], where: str) -> None:
+    def note_nonfinite_loss(self, step: int, loss: float) -> None:
+        """Record that the loss of optimizer step ``step`` was non-finite (``WBTrainer.training_step`` calls this), so
+        the finding names the loss, not the gradients it made non-finite."""
+        if self._loss_origin is None:
+            self._loss_origin = (step, loss)
+
+    def _report_nonfinite_loss(self, step: int, loss: float) -> None:
+        where = self._stats.first_nonfinite(limit_fraction=self.config.limit_fraction)
+        self._stop = True
+        evidence: dict[str, Any] = {"where": "loss", "loss": str(loss), "update_discarded": True}
+        evidence["weights"] = "finite" if where is None else f"first non-finite: {where[0]}"
+        if self._targets_checked is not None:
+            evidence["targets"] = "finite" if self._targets_checked else "NaN/Inf"
+        self._emit(
+            "nonfinite",
+            "critical",
+            step,
+            ["loss"],
+            f"the training loss became {loss} at step {step}"
+            + (
+                f"; the first non-finite weight in forward order is `{where[0]}`."
+                if where
+                else " while every weight was finite: the forward pass produced it."
+            )
+            + " The step's update was discarded.",
+            evidence,
+            advice=_ADVICE_LOSS,
+        )
+
+    def _report_nonfinite(
+        self, step: int, bad: tuple[str, str], where: str, discarded: bool = False, note: str = ""
+    ) -> None:
         name, unit = bad
         self._stop = True
         self._emit(
@@ -582,8 +750,56 @@ class WeightDiagnosticsCallback(TrainerCallback):
             step,
             [name],
             f"NaN/Inf or values beyond {self.config.limit_fraction:g} x the dtype's maximum in the {where}; the "
-            f"first such tensor in forward order is `{name}` (unit {unit}).",
-            {"where": where, "unit": unit},
+            f"first such tensor in forward order is `{name}` (unit {unit})."
+            + (" The step's update was discarded: the weights are those of the step before." if discarded else "")
+            + note,
+            {"where": where, "unit": unit, **({"update_discarded": True} if discarded else {})},
+            advice=_ADVICE["nonfinite"] + (" " + _ADVICE_TARGETS if self._targets_checked is False else ""),
+        )
+
+    def _check_divergence(self, args: TrainingArguments, step: int, loss: float) -> None:
+        """``loss_divergence``: the smoothed loss above ``loss_divergence_factor`` x its running minimum and above
+        its first value, for ``patience`` logged losses in a row."""
+        cfg = self.config
+        s = cfg.loss_smoothing
+        self._loss_ema = loss if self._loss_ema is None else s * self._loss_ema + (1 - s) * loss
+        ema = self._loss_ema
+        if self._loss_first is None:
+            self._loss_first = ema
+        if self._loss_min is None or ema < self._loss_min[0]:
+            self._loss_min = (ema, step)
+        low, low_step = self._loss_min
+        hit = ema > cfg.loss_divergence_factor * low and ema > self._loss_first
+        if self._streak(("loss_divergence", "loss"), hit) < cfg.patience:
+            return
+        clip = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+        lr = getattr(args, "learning_rate", None)
+        if clip > 0:
+            advice = (
+                f"the training loss is diverging with gradient clipping already on (`max_grad_norm`={clip:g}): lower "
+                f"the learning rate (now {lr:g}) 3-10x, or lengthen the warm-up (`warmup_steps`)."
+            )
+        else:
+            advice = (
+                f"the training loss is diverging and gradient clipping is off (`max_grad_norm`={clip:g}): enable it "
+                f"(`max_grad_norm`=1.0) and lower the learning rate (now {lr:g}) 3-10x."
+            )
+        self._emit(
+            "loss_divergence",
+            "warning",
+            step,
+            ["loss"],
+            f"the smoothed training loss rose to {ema:.4g}, {ema / low:.3g}x its minimum {low:.4g} (step {low_step}) "
+            f"and above its first value {self._loss_first:.4g}, for {cfg.patience} logged losses in a row.",
+            {
+                "smoothed_loss": float(f"{ema:.6g}"),
+                "minimum": float(f"{low:.6g}"),
+                "minimum_step": low_step,
+                "first": float(f"{self._loss_first:.6g}"),
+                "learning_rate": lr,
+                "max_grad_norm": clip,
+            },
+            advice=advice,
         )
 
     def _check_dead_units(self, step: int) -> None:
@@ -725,8 +941,51 @@ class WeightDiagnosticsCallback(TrainerCallback):
                         },
                     )
 
-    def _check_bias_prior(self, model: nn.Module, dataloader: Any, step: int) -> None:
-        from hf_wb.heads import find_output_layer, labels_from_dataset
+    def _labels(self, dataloader: Any) -> Any:
+        if self.labels is not None:
+            return self.labels
+        if dataloader is None:
+            return None
+        from hf_wb.heads import labels_from_dataset
+
+        return labels_from_dataset(getattr(dataloader, "dataset", None), self.config.max_label_examples)
+
+    def _check_targets(self, labels: Any, step: int) -> None:
+        """NaN/Inf training targets make the loss NaN whatever the model does: report them with data advice (and
+        refuse to train when ``stop_on_nonfinite``)."""
+        if labels is None:
+            return
+        try:
+            y = torch.as_tensor(_to_array(labels))
+        except (TypeError, ValueError, RuntimeError):
+            return
+        if not y.is_floating_point():
+            self._targets_checked = True
+            return
+        if y.numel() == 0 or y.ndim == 0:
+            return
+        bad = ~torch.isfinite(y.reshape(y.shape[0], -1) if y.ndim > 1 else y)
+        if bad.ndim > 1:
+            bad = bad.any(1)
+        rows = torch.nonzero(bad).reshape(-1).tolist()
+        self._targets_checked = not rows
+        if not rows:
+            return
+        message = (
+            f"{len(rows)} of {y.shape[0]} training targets read are NaN/Inf (first at example {rows[0]}"
+            f"{', then ' + ', '.join(map(str, rows[1:4])) if len(rows) > 1 else ''}): every loss that includes them "
+            "is NaN."
+        )
+        if self._main:
+            self._emit(
+                "nonfinite", "critical", step, ["labels"], message, {"where": "targets", "rows": rows[:20]},
+                advice=_ADVICE_TARGETS,
+            )  # fmt: skip
+        if self.stop_on_nonfinite:
+            raise ValueError(f"Training targets are not finite: {message} Fix: {_ADVICE_TARGETS}")
+
+    def _check_bias_prior(self, model: nn.Module, labels: Any, step: int) -> None:
+        from hf_wb.heads import find_output_layer
 
         config = getattr(model, "config", None)
         problem = getattr(config, "problem_type", None)
@@ -740,9 +999,6 @@ class WeightDiagnosticsCallback(TrainerCallback):
             return
         if layer.bias is None:
             return
-        labels = self.labels
-        if labels is None and dataloader is not None:
-            labels = labels_from_dataset(getattr(dataloader, "dataset", None), self.config.max_label_examples)
         if labels is None:
             logger.info("Bias-prior check skipped: no training labels (pass `labels=` to WeightDiagnosticsCallback).")
             return

@@ -10,6 +10,20 @@ Every ``every_n_steps`` optimizer steps :class:`WeightHistogramCallback` writes
 
 Weights are also written once at the start of training (step 0) and after the last step.
 
+**Drift from the start (fine-tuning).** Fine-tuning moves weights by a tiny fraction of their spread, so the
+distribution of ``W`` barely changes; what training did is ``W - W0``. With ``drift=True`` (the default) the callback
+keeps a copy ``W0`` of every trainable parameter at the start of training (on the CPU, in the parameter's dtype:
+as much memory as the trainable parameters; frozen ones are not copied; a unit unfrozen later is copied when it
+starts to train) and writes, at every logging step, histograms ``drift/<unit>`` (weights) and
+``drift_biases/<unit>`` of ``W - W0``, and the scalar ``drift_ratio/<unit>`` = ``||W - W0|| / ||W0||``.
+
+**Output bias.** For a classification or regression head (:func:`hf_wb.heads.find_output_layer`) with at most
+:data:`MAX_HEAD_CLASSES` outputs it writes ``head/bias/<k>`` (the raw bias) and ``head/implied/<link>/<k>`` at every
+weights step, where ``<link>`` is ``softmax`` (single-label: the class probabilities the bias alone implies),
+``sigmoid`` (multi-label) or ``identity`` (regression); and once, at step 0, ``head/label_prior/<k>`` (class
+frequencies / target means of the training labels, on the same scale) and ``head/bias_prior_applied`` (1 when the
+hf_wb head recipe wrote the prior into the bias, else 0). The labels come from ``labels=``, else the training set.
+
 **Which gradients.** In transformers 5.x ``Trainer._run_epoch`` clips the gradients (``max_grad_norm``, through
 ``accelerator.clip_grad_norm_``, which first unscales fp16 gradients) and only then calls ``on_pre_optimizer_step``,
 just before ``optimizer.step()``. Gradients are read there, so they are exactly what the optimizer receives: summed
@@ -39,10 +53,11 @@ import os
 import threading
 from typing import Any
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_wb.extras import require
-from hf_wb.layers import LayerMap
+from hf_wb.layers import LayerMap, unwrap_model
 from hf_wb.stats import ParamStats
 
 logger = logging.getLogger(__name__)
@@ -52,6 +67,7 @@ __all__ = ["WeightHistogramCallback", "acquire_writer", "release_writer", "defau
 DEFAULT_SUBDIR = os.path.join("runs", "hf_wb")
 MAX_QUEUE = 1000
 FLUSH_SECS = 30
+MAX_HEAD_CLASSES = 32  # output biases with more entries are not written as lines
 
 _lock = threading.Lock()
 _writers: dict[str, list[Any]] = {}  # absolute log dir -> [SummaryWriter, reference count]
@@ -165,6 +181,9 @@ class WeightHistogramCallback(TrainerCallback):
             computed from the model and ``layers_pattern`` at the start of training.
         update_sample_size: update ratios of tensors larger than this are measured on a strided sample of about this
             many entries (bounds the memory of the pre-step snapshot).
+        drift: keep a CPU copy of the trainable weights at the start and write the drift ``W - W0`` (histograms) and
+            ``||W - W0|| / ||W0||`` per unit.
+        labels: training labels for the label prior drawn next to the output bias; default: the training set's.
     """
 
     def __init__(
@@ -178,6 +197,8 @@ class WeightHistogramCallback(TrainerCallback):
         layers_pattern: str | None = None,
         update_sample_size: int = 65536,
         lmap: LayerMap | None = None,
+        drift: bool = True,
+        labels: Any = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise TypeError(f"`every_n_steps` must be an int, got {type(every_n_steps).__name__}.")
@@ -197,12 +218,15 @@ class WeightHistogramCallback(TrainerCallback):
         self.layers_pattern = layers_pattern
         self.lmap = lmap
         self.update_sample_size = update_sample_size
+        self.drift = drift
+        self.labels = labels
         self._slot = _WriterSlot(writer, log_dir)
         self._stats: ParamStats | None = None
         self._optimizer: Any = None
         self._pending_grad_step: int | None = None
         self._last_weights_step: int | None = None
         self._mirror_logs = False
+        self._head: Any = None  # (output layer, link) when the output bias is written
 
     # -- helpers -------------------------------------------------------------------------------------------------
     @property
@@ -242,7 +266,72 @@ class WeightHistogramCallback(TrainerCallback):
         else:
             norms = self._stats.weight_norms()
         self._write_scalars("weight_norm", norms, step)
+        if self.drift:
+            self._stats.keep_reference()  # units unfrozen since the last call start here
+            drift_hists, ratios = self._stats.drift_histograms(self.bins)
+            if self.histograms and step > 0:
+                self._write_histograms(drift_hists, step)
+            self._write_scalars("drift_ratio", ratios, step)
+        self._write_head(step)
         self._last_weights_step = step
+
+    def _find_head(self, model: Any) -> None:
+        from hf_wb.heads import MULTI_LABEL, REGRESSION, find_output_layer
+
+        self._head = None
+        try:
+            _, layer = find_output_layer(model)
+        except (ValueError, AttributeError, TypeError):
+            return
+        if layer.bias is None or not 0 < layer.bias.numel() <= MAX_HEAD_CLASSES:
+            return
+        config = getattr(model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem == REGRESSION or layer.bias.numel() == 1:
+            link = "identity"
+        elif problem == MULTI_LABEL:
+            link = "sigmoid"
+        else:
+            link = "softmax"
+        self._head = (layer, link)
+
+    def _write_head(self, step: int) -> None:
+        if self._head is None:
+            return
+        layer, link = self._head
+        bias = layer.bias.detach().float()
+        implied = {"softmax": lambda b: b.softmax(0), "sigmoid": torch.sigmoid}.get(link, lambda b: b)(bias)
+        values = torch.cat([bias, implied]).cpu().tolist()
+        n = bias.numel()
+        for k in range(n):
+            self._slot.writer.add_scalar(f"head/bias/{k}", values[k], step)
+            self._slot.writer.add_scalar(f"head/implied/{link}/{k}", values[n + k], step)
+
+    def _write_label_prior(self, model: Any, dataloader: Any, step: int) -> None:
+        """``head/label_prior/<k>`` and ``head/bias_prior_applied``, once: what the output bias is compared with."""
+        from hf_wb.heads import label_prior, labels_from_dataset
+
+        if self._head is None:
+            return
+        recipe = getattr(model, "_hf_wb_head_recipe", None) or {}
+        applied = recipe.get("bias_prior") or {}
+        priors = applied.get("priors")
+        if priors is None:
+            labels = self.labels
+            if labels is None and dataloader is not None:
+                labels = labels_from_dataset(getattr(dataloader, "dataset", None), max_examples=100_000)
+            if labels is None:
+                return
+            try:
+                _, priors = label_prior(model, labels)
+            except (ValueError, TypeError) as exc:
+                logger.info("No label prior for the report: %s", exc)
+                return
+        if len(priors) != self._head[0].bias.numel():
+            return
+        for k, value in enumerate(priors):
+            self._slot.writer.add_scalar(f"head/label_prior/{k}", float(value), step)
+        self._slot.writer.add_scalar("head/bias_prior_applied", 1.0 if applied.get("bias") else 0.0, step)
 
     def _write_lrs(self, step: int) -> None:
         if self._optimizer is None:
@@ -263,6 +352,9 @@ class WeightHistogramCallback(TrainerCallback):
         self._optimizer = kwargs.get("optimizer")
         self._mirror_logs = self._slot.owned and "tensorboard" not in (args.report_to or [])
         self._pending_grad_step = None
+        self._find_head(unwrap_model(model))
+        if state.global_step == 0:
+            self._write_label_prior(unwrap_model(model), kwargs.get("train_dataloader"), 0)
         self._write_weights(state.global_step)
         self._slot.flush()
 
@@ -312,3 +404,4 @@ class WeightHistogramCallback(TrainerCallback):
         self._stats = None
         self._optimizer = None
         self._pending_grad_step = None
+        self._head = None
