@@ -1,17 +1,26 @@
-"""``hf-wb report RUN_DIR``: one PNG of a run's weights, biases, gradients and learning rates, and its diagnostics.
+"""``hf-wb report RUN_DIR``: one PNG that says what fine-tuning did to a run's weights, and its diagnostics.
 
 The report reads every TensorBoard event file under ``RUN_DIR`` (the Trainer's ``output_dir`` or any folder inside
 it), as written by :class:`~hf_wb.callbacks.WeightHistogramCallback`, the Trainer's ``TensorBoardCallback`` and
-``WBTrainer``, and draws:
+``WBTrainer``, and ``diagnostics.json``. Every panel shares one step axis that starts at 0; each diagnostics finding
+is a dotted vertical line at its step on every panel (red critical, orange warning, grey info), numbered on the loss
+panel and listed at the bottom. From the top:
 
-* one row per unit (embeddings, blocks, head; at most :data:`MAX_UNIT_ROWS`, evenly spread over depth) with the
-  distribution over training steps of its weights (norm weights left out: they sit around 1), biases and gradients,
-  as heat maps: x is the step, y the value, the colour the share of values in each bin at that step;
-* the training loss, the learning rate of every param group (``train/lr/<group>`` logged by ``WBTrainer``, else the
-  callback's ``lr/<group>``, else ``train/learning_rate``), the gradient norm of every unit and the update-to-weight
-  ratio of every unit (with the ~1e-3 rule of thumb);
-* the findings of :class:`~hf_wb.callbacks.WeightDiagnosticsCallback` (``diagnostics.json``), which ``main`` also
-  prints as a table.
+* the training loss with the eval loss, the eval metric(s) (``eval/<metric>``), the learning rate of every param
+  group (``train/lr/<group>`` logged by ``WBTrainer``, else the callback's ``lr/<group>``, else
+  ``train/learning_rate``), and the output bias over time: for a classifier the class probabilities the bias alone
+  implies (``softmax(b)``; ``sigmoid(b)`` multi-label; ``b`` for regression) as lines, with the label prior (or
+  mean target) as dashed lines in the same colours, noted when the hf_wb recipe set the bias to it at step 0;
+* per unit (embeddings, blocks, head; colours bottom to top): the drift from the start ``||W - W0|| / ||W0||``, the
+  update ratio of one step ``||dW|| / ||W||`` (with the ~1e-3 rule of thumb) and the gradient norm;
+* one line naming the frozen units (no gradient, drift 0) and their share of the values, instead of rows of identical
+  pictures;
+* one row per trained unit (at most :data:`MAX_UNIT_ROWS`, spread over depth) with heat maps of the distribution of
+  ``W - W0`` (weights, then biases) and of the gradients: x is the step (a column covers the steps since the
+  previous histogram), y the value, the colour the share of values in each bin. Fine-tuning moves weights by a tiny
+  fraction of their spread, so the distribution of ``W`` itself barely changes; its drift shows what training did.
+  Runs recorded without drift (older event files, ``drift=False``) get the raw weight and bias distributions;
+* the diagnostics findings, which ``main`` also prints as a table with their advice.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from hf_wb.extras import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunData", "load_run", "render_report", "findings_table", "main", "MAX_UNIT_ROWS"]
+__all__ = ["RunData", "load_run", "render_report", "build_figure", "findings_table", "main", "MAX_UNIT_ROWS"]
 
 MAX_UNIT_ROWS = 8
 SMALL_GROUP = 32  # groups with at most this many values (an output bias) are drawn as mean and range lines
@@ -461,11 +470,19 @@ def _head_panel(ax, data: RunData) -> None:
 
 
 def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike | None) -> Path:
+    output = Path(output) if output is not None else Path(run_dir) / "hf_wb_report.png"
+    fig = build_figure(data, Path(run_dir).resolve().name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    return output
+
+
+def build_figure(data: RunData, name: str = "run"):
+    """The report as a matplotlib ``Figure`` (what :func:`render_report` saves); see the module docstring."""
     # a bare Figure (Agg canvas) rather than pyplot: no global backend switch, nothing left open
     require("matplotlib", feature="Rendering the report (hf-wb report)")
     from matplotlib.figure import Figure
 
-    output = Path(output) if output is not None else Path(run_dir) / "hf_wb_report.png"
     all_units = _units(data)
     trainable = _trainable_units(data, all_units)
     frozen = [u for u in all_units if u not in trainable]
@@ -489,7 +506,7 @@ def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike
         len(ratios), 1, height_ratios=ratios, hspace=0.55, top=1 - 0.75 / height, bottom=0.25 / height,
         left=0.05, right=0.98,
     )  # fmt: skip
-    fig.suptitle(f"hf-wb report: {Path(run_dir).resolve().name} (steps 0 to {last})", fontsize=12, x=0.01,
+    fig.suptitle(f"hf-wb report: {name} (steps 0 to {last})", fontsize=12, x=0.01,
                  ha="left")  # fmt: skip
     fig.text(
         0.99, 1 - 0.3 / height,
@@ -591,9 +608,7 @@ def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike
             text = f"{head}: {f.get('message', '')}"
             lines.append(text[:190])
         ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=8, family="monospace", transform=ax.transAxes)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output)
-    return output
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

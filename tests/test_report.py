@@ -167,3 +167,87 @@ def test_unit_rows_are_spread_over_depth():
     rows = _pick_rows(units, MAX_UNIT_ROWS)
     assert len(rows) == MAX_UNIT_ROWS and rows[0] == "embeddings" and rows[-1] == "head"
     assert _pick_rows(units[:5], MAX_UNIT_ROWS) == units[:5]
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning report
+
+
+class SkewedTokens(TokenData):
+    """Labels 1 with probability 0.25, marked by token 3 or 4 at position 1 (learnable, with a non-uniform prior)."""
+
+    def __init__(self, n: int = 64, seq: int = 10) -> None:
+        super().__init__(n, seq)
+        g = torch.Generator().manual_seed(1)
+        self.y = (torch.rand(n, generator=g) < 0.25).long()
+        self.x[:, 1] = torch.where(self.y == 1, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    """WBTrainer with the default recipe (embeddings and block 0 frozen), the bias prior, evaluation every 2 steps."""
+    from conftest import cpu_args
+
+    from hf_wb import WBConfig, WBTrainer
+
+    out = tmp_path_factory.mktemp("finetune")
+    args = cpu_args(out, max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2,
+                    per_device_train_batch_size=16, per_device_eval_batch_size=32)  # fmt: skip
+    trainer = WBTrainer(
+        model=tiny_model("bert"), args=args, train_dataset=SkewedTokens(), eval_dataset=SkewedTokens(32),
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+        wb_config=WBConfig(histogram_steps=2),
+    )  # fmt: skip
+    trainer.train()
+    return out, float(SkewedTokens().y.float().mean())
+
+
+def _titles(fig) -> list[str]:
+    return [ax.get_title(loc="left") for ax in fig.axes]
+
+
+def test_fine_tuning_report_panels(finetune_run):
+    from hf_wb.report import build_figure
+
+    out, p1 = finetune_run
+    data = load_run(out)
+    data.findings = [
+        {"step": 4, "severity": "warning", "kind": "update_ratio_high", "layers": ["head"], "message": "m",
+         "advice": "a"},
+    ]  # fmt: skip
+    fig = build_figure(data)
+    titles = _titles(fig)
+    # drift heat maps for the trained units only; the frozen ones are named in one line
+    for unit in ("block_01", "block_02", "block_03", "head"):
+        assert f"{unit} W - W0 (weights)" in titles
+    assert not any(t.startswith(("embeddings ", "block_00 ")) for t in titles)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any(t.startswith("Frozen, not trained (drift 0, not drawn): embeddings, block_00 (") for t in texts)
+    # one step axis from 0 for every panel that has a time axis
+    timed = [ax for ax in fig.axes if ax.axison and ax.get_title(loc="left")]
+    assert len(timed) >= 7 + 4 * 3
+    assert {ax.get_xlim() for ax in timed} == {(0.0, 6.0)}
+    # the eval metric next to the loss; training and eval loss together
+    by_title = {ax.get_title(loc="left"): ax for ax in fig.axes}
+    assert [line.get_label() for line in by_title["eval metric"].get_lines()][:1] == ["accuracy"]
+    loss_lines = {line.get_label() for line in by_title["loss (training, eval)"].get_lines()}
+    assert {"training loss", "eval loss"} <= loss_lines
+    # the output bias as class probabilities with the label prior dashed (set by the recipe at step 0)
+    (head,) = [ax for t, ax in by_title.items() if t.startswith("softmax(b)")]
+    assert "dashed: label prior (set as the bias at step 0)" in head.get_title(loc="left")
+    dashed = [line for line in head.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(round(line.get_ydata()[0], 4) for line in dashed) == pytest.approx([p1, 1 - p1], abs=1e-4)
+    solid = [line for line in head.get_lines() if line.get_label() == "class 1"]
+    assert solid[0].get_ydata()[0] == pytest.approx(p1, abs=1e-4)  # softmax(b) = prior at step 0
+    # the finding is marked on every timed panel at its step
+    for ax in timed:
+        assert any(list(line.get_xdata()) == [4, 4] and line.get_linestyle() == ":" for line in ax.get_lines())
+
+
+def test_old_runs_without_drift_still_render(broken_run):
+    from hf_wb.report import build_figure
+
+    data = load_run(broken_run)
+    for tag in [t for t in data.histograms if t.startswith("drift")]:
+        del data.histograms[tag]
+    titles = _titles(build_figure(data))
+    assert "block_00 weights" in titles and "block_00 W - W0 (weights)" not in titles
