@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import cpu_args, tiny_model
 from test_diagnostics import MLP, MLPConfig, TokenData, VectorData, mlp
+from test_run_glue import mrpc_argv, tiny_model_dir  # noqa: F401 (a fixture)
 from transformers import Trainer, TrainerCallback
 
 from hf_wb import WBConfig, WBTrainer
@@ -253,3 +254,17 @@ def test_diagnostics_json_is_an_empty_list_after_a_healthy_checked_run(tmp_path)
     assert diagnostics_of(trainer).findings == []
     assert json.loads((tmp_path / "diagnostics.json").read_text()) == []
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_run_glue_marks_a_run_stopped_on_nonfinite_values_and_exits_1(tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+    from hf_wb.glue.run import main
+
+    out = tmp_path / "out"
+    # Adam at lr 1e30: the first update makes the weights ~1e30, the next forward pass overflows to NaN
+    argv = mrpc_argv(tiny_model_dir, glue_dir, out, "--learning_rate", "1e30", "--do_eval", "false")
+    assert main(argv) == 1
+    results = json.loads((out / "all_results.json").read_text())
+    assert isinstance(results["stopped_on_nonfinite"], int) and results["stopped_on_nonfinite"] <= 3
+    findings = json.loads((out / "diagnostics.json").read_text())
+    assert any(f["kind"] == "nonfinite" for f in findings)
+    assert (out / "model.safetensors").exists()  # the last finite state (the faulty update was discarded)

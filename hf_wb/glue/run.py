@@ -567,6 +567,16 @@ def run_glue(
             step = trainer.state.global_step
             checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{step}")
             raise TrainingPreempted(preemption.preempted.name, step, checkpoint if os.path.isdir(checkpoint) else None)
+        stopped = getattr(trainer, "wb_stopped_on_nonfinite", None)
+        if stopped is not None:  # the weights are those before the faulty step (its update was discarded)
+            logger.error(
+                "Training stopped at step %d on NaN/Inf values (stop_on_nonfinite); see diagnostics.json in %s. The "
+                "saved model is the last finite state; the run is marked `stopped_on_nonfinite` in %s.",
+                stopped,
+                training_args.output_dir,
+                RESULTS_NAME,
+            )
+            results["stopped_on_nonfinite"] = stopped
         trainer.save_model()  # model, tokenizer and (WBTrainer) hf_wb_config.json
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(tokenized["train"])
@@ -642,14 +652,15 @@ def _checkpoint_to_resume(training_args: TrainingArguments, run_args: RunArgumen
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: ``run_glue.py [CONFIG.yaml|CONFIG.json] [--key value ...]``; returns 0, or
-    :data:`~hf_wb.callbacks.preemption.EXIT_PREEMPTED` (75) when a signal stopped training after a checkpoint."""
+    """Command-line entry point: ``run_glue.py [CONFIG.yaml|CONFIG.json] [--key value ...]``; returns 0,
+    :data:`~hf_wb.callbacks.preemption.EXIT_PREEMPTED` (75) when a signal stopped training after a checkpoint, or 1
+    when training stopped on NaN/Inf values (``stop_on_nonfinite``)."""
     args = parse_args(argv)
     _setup_logging(args.training)
     logger.info("hf_wb recipe: %s", args.wb_config)
     recipe_name = args.recipe.wb_config or args.recipe.recipe
     try:
-        run_glue(
+        results = run_glue(
             args.model,
             args.data,
             args.training,
@@ -663,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     finally:
         shutdown_distributed()
-    return 0
+    return 1 if results.get("stopped_on_nonfinite") is not None else 0
 
 
 def shutdown_distributed() -> None:
