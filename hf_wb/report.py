@@ -451,18 +451,21 @@ def _head_panel(ax, data: RunData) -> None:
         colour = f"C{i % 10}"
         ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, lw=1.4,
                 marker="." if len(points) < 30 else None, label=f"class {k}")  # fmt: skip
-        if k in priors:
-            ax.axhline(priors[k][0][1], color=colour, lw=1.0, ls="--", alpha=0.8)
+        if k in priors:  # wide and pale under the solid line: visible where the bias stays at the prior
+            ax.axhline(priors[k][0][1], color=colour, lw=3.0, ls="--", alpha=0.35, zorder=1)
+            ax.text(0.99, priors[k][0][1], f"prior {priors[k][0][1]:.3g}", color=colour, fontsize=6, ha="right",
+                    va="bottom", transform=ax.get_yaxis_transform())  # fmt: skip
     what = {
-        "softmax": "softmax(b): class probabilities the output bias implies",
-        "sigmoid": "sigmoid(b) per label",
+        "softmax": "softmax(b): class probabilities the bias implies",
+        "sigmoid": "sigmoid(b) per label of the output bias b",
         "identity": "output bias b",
     }.get(link, link)
     ref = {"identity": "mean target"}.get(link, "label prior")
     note = ""
     if priors:
         note = f"; dashed: {ref}" + (" (set as the bias at step 0)" if applied and applied[0][1] > 0 else "")
-    ax.set_title(f"{what}{note}", fontsize=8, loc="left")
+        note = "\n" + note[2:]
+    ax.set_title(f"{what}{note}", fontsize=7.5, loc="left")
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     if len(classes) <= 10:
@@ -503,16 +506,17 @@ def build_figure(data: RunData, name: str = "run"):
     height = sum(ratios) + 1.4
     fig = Figure(figsize=(15, height), dpi=110)
     grid = fig.add_gridspec(
-        len(ratios), 1, height_ratios=ratios, hspace=0.55, top=1 - 0.75 / height, bottom=0.25 / height,
+        len(ratios), 1, height_ratios=ratios, hspace=0.55, top=1 - 1.0 / height, bottom=0.25 / height,
         left=0.05, right=0.98,
     )  # fmt: skip
     fig.suptitle(f"hf-wb report: {name} (steps 0 to {last})", fontsize=12, x=0.01,
                  ha="left")  # fmt: skip
     fig.text(
-        0.99, 1 - 0.3 / height,
+        0.01, 1 - 0.45 / height,
         "every panel shares the step axis from 0; dotted verticals: diagnostics findings (numbered on the loss "
-        "panel, listed at the bottom; red critical, orange warning, grey info)",
-        ha="right", va="top", fontsize=7, color="dimgrey",
+        "panel, listed at the bottom; red critical, orange warning, grey info)"
+        + ("" if findings else "; no findings in this run"),
+        ha="left", va="top", fontsize=7, color="dimgrey",
     )  # fmt: skip
     axes = []
     colours = _unit_colours(all_units)
