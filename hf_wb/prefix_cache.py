@@ -110,7 +110,10 @@ def cache_boundary(model: nn.Module, lmap: LayerMap) -> _Boundary:
         k += 1
     if k == 0:
         raise CacheUnsupported("No block is frozen: there is no frozen prefix to cache.")
-    if getattr(model, "is_gradient_checkpointing", False) or getattr(model, "is_activation_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # the older name warns in transformers 5
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         raise CacheUnsupported("Activation checkpointing re-runs block forwards; turn it off to use the cache.")
     for name in stack.block_names[:k]:
         if any(m.training for m in model.get_submodule(name).modules()):
@@ -357,30 +360,34 @@ class PrefixCache:
         handle = boundary_block.register_forward_hook(grab)
         was_training = self.model.training
         self.model.eval()
-        bar = tqdm(total=total, desc="hf_wb: caching the frozen prefix", disable=not progress)
+        bar = tqdm(total=total, desc="hf_wb: caching the frozen prefix", unit="ex", disable=not progress)
+        rows = [{k: v for k, v in r.items() if k in _MODEL_INPUTS} for src in sources for r in _rows(src)]
+        # Batches of similar length (longest first, so a memory problem shows at once): little padding, so this
+        # pass costs less than the frozen blocks' share of one training epoch. Rows are stored in their own order.
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+        states_of: list[torch.Tensor | None] = [None] * len(rows)
         try:
             with torch.no_grad():
-                for src in sources:
-                    rows = list(_rows(src))
-                    for i in range(0, len(rows), batch_size):
-                        feats = [{k: v for k, v in r.items() if k in _MODEL_INPUTS} for r in rows[i : i + batch_size]]
-                        batch = {k: v.to(device) for k, v in collate(feats).items() if k in _MODEL_INPUTS}
-                        mask = batch.get("attention_mask")
-                        if mask is None:
-                            mask = torch.ones_like(batch["input_ids"])
-                        _check_right_padding(mask)
-                        try:
-                            self.model(**batch)
-                        except _StopForward:
-                            pass
-                        out = captured.pop("out")
-                        self._tuple_len = len(out) if isinstance(out, tuple) else 0
-                        states = out[0] if isinstance(out, tuple) else out
-                        for row_states, row_mask in zip(states, mask, strict=True):
-                            n = int(row_mask.sum())
-                            lengths.append(n)
-                            chunks.append(row_states[:n].to("cpu", _DTYPES[self.dtype]))
-                        bar.update(len(feats))
+                for i in range(0, len(order), batch_size):
+                    part = order[i : i + batch_size]
+                    collated = collate([rows[j] for j in part])
+                    batch = {k: v.to(device) for k, v in collated.items() if k in _MODEL_INPUTS}
+                    mask = batch.get("attention_mask")
+                    if mask is None:
+                        mask = torch.ones_like(batch["input_ids"])
+                    _check_right_padding(mask)
+                    try:
+                        self.model(**batch)
+                    except _StopForward:
+                        pass
+                    out = captured.pop("out")
+                    self._tuple_len = len(out) if isinstance(out, tuple) else 0
+                    states = out[0] if isinstance(out, tuple) else out
+                    for j, row_states, row_mask in zip(part, states, mask, strict=True):
+                        states_of[j] = row_states[: int(row_mask.sum())].to("cpu", _DTYPES[self.dtype])
+                    bar.update(len(part))
+            lengths = [s.shape[0] for s in states_of]
+            chunks = list(states_of)
         finally:
             handle.remove()
             bar.close()

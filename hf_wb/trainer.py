@@ -104,6 +104,8 @@ class WBTrainer(Trainer):
         # Set by hf_wb.tune during a search: prefix caches kept across trials (one per boundary), and the trial set-up.
         self.wb_cache_pool: dict[tuple[Any, ...], PrefixCache] | None = None
         self.wb_search: Any = None
+        self.wb_cache_status: dict[str, Any] = {}
+        self.wb_summary: dict[str, Any] | None = None
         self.wb_head_summary: dict[str, Any] = {}
         self._wb_labels: Any = None
         self._wb_model_ready: nn.Module | None = None
@@ -122,6 +124,10 @@ class WBTrainer(Trainer):
         self.wb_preemption = PreemptionCallback(preemption_signals) if preemption_signals else None
         if self.wb_preemption is not None and self.wb_preemption.signals:
             self.add_callback(self.wb_preemption)
+        from hf_wb.callbacks.summary import RunSummaryCallback
+        from hf_wb.summary import format_run_summary
+
+        self.add_callback(RunSummaryCallback(self._wb_start_summary, format_run_summary))
         if self.wb_unfreezer is not None:
             check_scheduler(self.lr_scheduler)  # refused now, not at the first unfreezing stage
             check_scheduler_args(self.args)
@@ -289,6 +295,46 @@ class WBTrainer(Trainer):
             self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
         )
 
+    # ----- the run summary ------------------------------------------------------------------------------------------
+    def wb_run_summary(self) -> dict[str, Any]:
+        """What this run does (frozen units, rates, head recipe, cache, engine, the TrainingArguments that matter);
+        see :func:`hf_wb.summary.run_summary`."""
+        from hf_wb.summary import run_summary
+
+        model = unwrap_model(self.model)
+        lmap = self.wb_layer_map or layer_map(model, self.wb_config.layers_pattern)
+        frozen = self.wb_freeze_plan.frozen_units if self.wb_freeze_plan else []
+        return run_summary(
+            model,
+            lmap,
+            self.wb_config,
+            self.args,
+            frozen,
+            head_recipe=self.wb_head_summary,
+            cache=self.wb_cache_status or None,
+            engine=self._wb_engine(),
+        )
+
+    def _wb_start_summary(self) -> dict[str, Any]:
+        self.wb_summary = self.wb_run_summary()
+        return self.wb_summary
+
+    def _wb_engine(self) -> str:
+        if getattr(self, "is_deepspeed_enabled", False):
+            return "DeepSpeed"
+        if getattr(self, "is_fsdp_enabled", False):
+            return "FSDP"
+        mode = str(getattr(self.args.parallel_mode, "value", self.args.parallel_mode))
+        device = str(self.args.device)
+        if self.args.world_size > 1:
+            return f"DDP ({device}, {self.args.ddp_backend or 'default backend'})" if mode == "distributed" else mode
+        return f"single process ({device})"
+
+    def _wb_write_summary(self, folder: str) -> None:
+        from hf_wb.callbacks.summary import write_summary
+
+        write_summary(folder, self.wb_summary or self.wb_run_summary())
+
     # ----- checkpoints and resume -----------------------------------------------------------------------------------
     def wb_state(self) -> dict[str, Any]:
         """What a checkpoint records of the recipe: the group layout (names and sizes, in order) and frozen units."""
@@ -340,6 +386,7 @@ class WBTrainer(Trainer):
             )
             os.makedirs(output_dir, exist_ok=True)
             self.wb_config.save_pretrained(output_dir)
+            self._wb_write_summary(output_dir)
             write_json_atomic(os.path.join(output_dir, STATE_NAME), self.wb_state())
         super()._save_checkpoint(model, trial)
 
@@ -364,6 +411,7 @@ class WBTrainer(Trainer):
         if self.args.should_save and not _internal_call:  # before the Trainer's push_to_hub of the saved model
             os.makedirs(output_dir or self.args.output_dir, exist_ok=True)
             self.wb_config.save_pretrained(output_dir or self.args.output_dir)
+            self._wb_write_summary(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
@@ -441,6 +489,8 @@ class WBTrainer(Trainer):
     def _setup_prefix_cache(self) -> None:
         mode = self.wb_config.cache_frozen_prefix
         if mode == "off" or self.train_dataset is None:
+            reason = "`cache_frozen_prefix`='off'" if mode == "off" else "no training set"
+            self.wb_cache_status = {"on": False, "reason": reason}
             return
         try:
             if isinstance(self.train_dataset, torch.utils.data.IterableDataset) or not hasattr(
@@ -456,6 +506,16 @@ class WBTrainer(Trainer):
             if mode == "on":
                 raise CacheUnsupported(f"`cache_frozen_prefix`='on' cannot be served: {exc}") from exc
             logger.info("hf_wb prefix cache off ('auto'): %s", exc)
+            self.wb_cache_status = {"on": False, "reason": f"'auto': {exc}"}
+            return
+        if self.wb_prefix_cache is not None:
+            cache = self.wb_prefix_cache
+            self.wb_cache_status = {
+                "on": True,
+                "reason": f"{mode!r}: embeddings and {cache.boundary.frozen_blocks} blocks frozen; "
+                f"{cache.num_examples} examples, {cache.nbytes / 2**20:.1f} MiB {cache.dtype}"
+                + (f" in {self.wb_config.cache_dir}" if self.wb_config.cache_dir else " in memory"),
+            }
 
     def _new_or_pooled_cache(self) -> PrefixCache:
         """A new cache, or (in a search) the one an earlier trial with the same frozen boundary filled."""
@@ -485,6 +545,7 @@ class WBTrainer(Trainer):
             cache.boundary = cache_boundary(self.model, self.wb_layer_map)
         except CacheUnsupported as exc:
             logger.info("hf_wb prefix cache off from here on: %s", exc)
+            self.wb_cache_status = {"on": False, "reason": str(exc)}
             self._teardown_prefix_cache()
             return
         sources = self._cache_sources()
@@ -497,7 +558,7 @@ class WBTrainer(Trainer):
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.args.device,
                 progress=not self.args.disable_tqdm and self.is_local_process_zero(),
-                lazy=not self.wb_config.cache_dir,  # in memory: record during the first epoch, no separate build pass
+                lazy=False,  # built up front (length-sorted, own progress bar): every epoch runs at cached speed
             )
         indexed = [_with_index(src, start) for src, start in zip(sources, starts, strict=True)]
         self.train_dataset = indexed[0]
