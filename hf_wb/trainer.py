@@ -127,7 +127,8 @@ class WBTrainer(Trainer):
         from hf_wb.callbacks.summary import RunSummaryCallback
         from hf_wb.summary import format_run_summary
 
-        self.add_callback(RunSummaryCallback(self._wb_start_summary, format_run_summary))
+        # first in line, so that the summary is logged before the progress bar opens
+        self.callback_handler.callbacks.insert(0, RunSummaryCallback(self._wb_start_summary, format_run_summary))
         if self.wb_unfreezer is not None:
             check_scheduler(self.lr_scheduler)  # refused now, not at the first unfreezing stage
             check_scheduler_args(self.args)

@@ -103,3 +103,27 @@ def glue_dir() -> Path:
     if not (GLUE_DIR / "MRPC" / "train.tsv").exists():
         pytest.skip(f"GLUE data not found at {GLUE_DIR} (set GLUE_DIR)")
     return GLUE_DIR
+
+
+_SCRATCH = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+
+
+def _checkout_paths() -> set[str]:
+    """Every file and folder of the checkout (scratch folders of git, Python and the linters aside)."""
+    found = set()
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in _SCRATCH and not d.endswith(".egg-info")]
+        rel = Path(root).relative_to(REPO)
+        found.update(str(rel / name) for name in dirs + files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests write under tmp_path: fail the session if the checkout gained files or folders (e.g. the Trainer's
+    ./tmp_trainer when a test builds a Trainer without `args`)."""
+    before = _checkout_paths()
+    yield
+    new = sorted(_checkout_paths() - before)
+    if new:
+        pytest.fail(f"The tests left new files in the checkout {REPO}: {new[:20]}. Write under tmp_path instead.")

@@ -246,7 +246,7 @@ def test_ddp_two_processes(tmp_path, launcher):
     assert report["frozen_changed"] is False and report["trainable_changed"] is True
 
 
-def test_loss_kwargs_detection():
+def test_loss_kwargs_detection(tmp_path):
     import transformers
 
     from hf_wb.trainer import loss_uses_num_items
@@ -255,7 +255,8 @@ def test_loss_kwargs_detection():
     assert not loss_uses_num_items(tiny_model("llama"))  # self.loss_function = ForSequenceClassificationLoss
     lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
     assert loss_uses_num_items(lm)  # token-level loss normalised by num_items_in_batch
-    trainer = WBTrainer(model=tiny_model("bert"), wb_config=WBConfig(**QUIET))
+    # args given: without them the Trainer makes ./tmp_trainer in the current directory (the checkout)
+    trainer = WBTrainer(model=tiny_model("bert"), args=cpu_args(tmp_path), wb_config=WBConfig(**QUIET))
     assert trainer.model_accepts_loss_kwargs is False
 
 

@@ -69,6 +69,8 @@ class RunSummaryCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._first_step is not None and state.global_step == self._first_step:
             self._first_step = None
+            if str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "no":
+                return None
             control.should_log = True  # the first step's loss and lr/<group>, whatever logging_steps is
             return control
         return None
