@@ -241,8 +241,13 @@ def test_run_glue_end_to_end_on_mrpc(tiny_model_dir, glue_dir, tmp_path):
     assert results["task"] == "mrpc"
     assert results["trainer"] == "WBTrainer"
     assert results["recipe_name"] == "hf_wb"
-    expected_recipe = WBConfig(top_layers=1, top_lr_multiplier=10.0, histogram_steps=0)  # mrpc.yaml + flags
+    # mrpc.yaml + flags
+    expected_recipe = WBConfig(top_layers=1, top_lr_multiplier=10.0, histogram_steps=0, cache_frozen_prefix="auto")
     assert results["recipe"] == expected_recipe.to_dict()
+    summary = results["hf_wb_summary"]  # the start-of-training summary, also in the run folder
+    assert summary["rates"] == [{"units": ["block_01", "head"], "multiplier": 10.0, "lr": pytest.approx(2e-4)}]
+    assert summary["frozen_units"] == ["embeddings", "block_00"] and summary["prefix_cache"]["on"] is True
+    assert json.loads((out / "hf_wb_summary.json").read_text())["rates"][0]["units"] == ["block_01", "head"]
     assert results["world_size"] == 1
     assert results["device"] == "cpu" and results["mixed_precision"] == "no"
     assert results["train_samples"] == 64 and results["eval_samples"] == 40

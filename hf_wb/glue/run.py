@@ -600,6 +600,7 @@ def run_glue(
         trainer=type(trainer).__name__,
         recipe_name=recipe_name if trainer_kind == "wb" else None,
         recipe=wb_config.to_dict() if trainer_kind == "wb" else None,
+        hf_wb_summary=getattr(trainer, "wb_summary", None),  # what the run did: frozen units, rates, cache, engine
         world_size=training_args.world_size,
         device=str(training_args.device),
         mixed_precision=getattr(training_args, "mixed_precision", "bf16" if training_args.bf16 else "no"),
