@@ -193,7 +193,7 @@ def test_inspect_a_run_folder_uses_its_recipe_and_learning_rate(tmp_path, capsys
     rows = _table(out)
     # x10 of the recorded 3e-4, not the default recipe's x5 of 5e-5
     for unit in ("block_02", "block_03", "head"):
-        assert rows[unit][4:7] == ["0.003", "10", "0.05"], rows[unit]
+        assert rows[unit][-6:] == ["0.003", "10", "0.05", "/", "0", "trainable"], rows[unit]
     for unit in ("embeddings", "block_00", "block_01"):
         assert rows[unit][-2:] == ["frozen", "(eval)"]
     # the modules column says where each unit lives: not the encoder for the embeddings and head rows
@@ -203,7 +203,7 @@ def test_inspect_a_run_folder_uses_its_recipe_and_learning_rate(tmp_path, capsys
 
     # --lr still wins; a folder without the recorded arguments says so
     assert cli.main(["inspect", str(tmp_path / "run"), "--lr", "1e-3"]) == 0
-    assert _table(capsys.readouterr().out)["head"][4] == "0.01"
+    assert _table(capsys.readouterr().out)["head"][-6] == "0.01"
     (tmp_path / "run" / "hf_wb_summary.json").unlink()
     assert cli.main(["inspect", str(tmp_path / "run")]) == 0
     assert "not recorded in" in capsys.readouterr().out

@@ -27,7 +27,24 @@ __all__ = ["RunSummaryCallback", "summary_logger"]
 summary_logger = logging.getLogger("hf_wb.summary")
 if summary_logger.level == logging.NOTSET:
     summary_logger.setLevel(logging.INFO)
-_FALLBACK = logging.StreamHandler(sys.stderr)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted (as ``logging.lastResort``)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+_FALLBACK = _StderrHandler()
 _FALLBACK.setFormatter(logging.Formatter("%(message)s"))
 
 
