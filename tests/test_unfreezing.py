@@ -132,10 +132,10 @@ def test_unfreezing_with_prefix_cache_moves_boundary(tmp_path):
         wb_config=WBConfig(top_layers=2, unfreeze_every=2, cache_frozen_prefix="on", **QUIET),
     )
     trainer.train()
-    # epochs 0-1: boundary after 2 blocks (epoch 0 records, epoch 1 is served: 2 steps); epochs 2-3: after 1 block,
-    # a new cache (epoch 3 served: 2 steps); epoch 4: no frozen block left -> the cache is off
+    # epochs 0-1: boundary after 2 blocks (cache built before training: 4 steps served); epochs 2-3: after 1 block,
+    # a new cache built at the stage (4 steps served); epoch 4: no frozen block left -> the cache is off
     assert trainer.wb_cache_stats["built"] == 2
-    assert trainer.wb_cache_stats["served_batches"] == 4
+    assert trainer.wb_cache_stats["served_batches"] == 8
     assert trainer.wb_unfreezer.unfrozen_units == ["block_01", "block_00"]
 
 
