@@ -15,7 +15,8 @@ accelerate launch environment, before anything is wrapped):
   rates and partly frozen units cannot be expressed;
 - under an engine that shards parameters, gradients or optimizer state (FSDP1, FSDP2, DeepSpeed ZeRO-1/2/3) the
   features that read or rewire individual parameters after wrapping are refused: gradual unfreezing (adds groups
-  to an optimizer the engine has already partitioned), the frozen-prefix cache (skips forwards the engine hooks into),
+  to an optimizer the engine has already partitioned), the frozen-prefix cache (skips forwards the engine hooks into;
+  ``cache_frozen_prefix='auto'`` falls back to no cache there, with the reason logged and in the run summary),
   monitoring (histograms and diagnostics would describe one rank's shard, or find no gradient at all) and the
   recipe's layer-wise optimizers ``lamb`` and ``kfac`` (they need each whole weight and gradient).
 
@@ -216,10 +217,11 @@ def check_requested_engine(args: Any, config: WBConfig) -> Engine | None:
             "and gradient buffers over the parameters trainable when training starts, so blocks unfrozen later "
             "would not train correctly -> set both to 0 (or freeze fewer blocks from the start with `freeze_layers`)"
         )
-    if config.cache_frozen_prefix != "off":
+    if config.cache_frozen_prefix == "on":  # 'auto' falls back to no cache (WBTrainer logs why)
         refused.append(
             f"the frozen-prefix cache (`cache_frozen_prefix`={config.cache_frozen_prefix!r}): it skips the frozen "
-            "blocks' forward, which the engine hooks into to gather and release their parameters -> set it to 'off'"
+            "blocks' forward, which the engine hooks into to gather and release their parameters -> set it to 'off' "
+            "or 'auto'"
         )
     if config.optimizer in ("lamb", "kfac"):
         refused.append(

@@ -112,6 +112,7 @@ class WBTrainer(Trainer):
         requested = check_requested_engine(kwargs.get("args", args[1] if len(args) > 1 else None), self.wb_config)
         super().__init__(*args, **kwargs)
         self.wb_engine: Engine = log_engine(self, requested)
+        self._wb_requested_engine = requested
         if self.model is not None and self.model_init is None:
             self._apply_recipe(self.model)
         if self.model is not None and self.model_accepts_loss_kwargs and not loss_uses_num_items(self.model):
@@ -498,6 +499,12 @@ class WBTrainer(Trainer):
                 self.train_dataset, "__len__"
             ):
                 raise CacheUnsupported("the training set is iterable (no length, no row index to key the cache by).")
+            sharded = self._wb_requested_engine or (self.wb_engine if self.wb_engine.sharded else None)
+            if sharded is not None:
+                raise CacheUnsupported(
+                    f"{sharded.name} gathers and releases the frozen blocks' parameters in their forward, which the "
+                    "cache would skip."
+                )
             cache = self._new_or_pooled_cache()
             self._wb_original_datasets = (self.train_dataset, self.eval_dataset)
             self.wb_prefix_cache = cache

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, cpu_args, tiny_model
+from datasets import Dataset
 from test_trainer import make_dataset
 from torch import nn
 
@@ -97,7 +98,6 @@ def test_fsdp1_without_orig_params_refused(tmp_path, monkeypatch, source):
         ({}, r"monitoring \(`histogram_steps`=100, `diagnostics`=True\)"),
         ({**QUIET, "unfreeze_every": 1}, r"gradual unfreezing"),
         ({**QUIET, "cache_frozen_prefix": "on"}, r"frozen-prefix cache"),
-        ({**QUIET, "cache_frozen_prefix": "auto"}, r"frozen-prefix cache"),
         ({**QUIET, "optimizer": "lamb"}, r"`optimizer`='lamb'"),
         ({**QUIET, "optimizer": "kfac"}, r"`optimizer`='kfac'"),
     ],
@@ -112,6 +112,23 @@ def test_sharded_engines_refuse_what_they_cannot_do_exactly(tmp_path, monkeypatc
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", engine[-1])
     with pytest.raises(ValueError, match=rf"cannot apply this recipe exactly under {engine}: .*{message}"):
         WBTrainer(model=tiny_model("bert"), args=args, wb_config=WBConfig(**fields))
+
+
+def test_sharded_engines_turn_the_auto_cache_off_and_say_why(tmp_path, monkeypatch):
+    # accelerate launch --config_file deepspeed-zero2.yaml (FSDP arguments need several processes to construct)
+    args = cpu_args(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7]] * 8, "attention_mask": [[1, 1, 1]] * 8, "labels": [0, 1] * 4})
+    trainer = WBTrainer(
+        model=tiny_model("bert"),
+        args=args,
+        train_dataset=data,
+        wb_config=WBConfig(cache_frozen_prefix="auto", **QUIET),
+    )
+    trainer._setup_prefix_cache()  # what train() does first; the engine itself cannot start on this CPU machine
+    assert trainer.wb_prefix_cache is None
+    assert trainer.wb_cache_status["on"] is False and "DeepSpeed ZeRO-2" in trainer.wb_cache_status["reason"]
 
 
 def test_engine_logged_once(tmp_path, caplog):
