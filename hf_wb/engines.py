@@ -50,6 +50,7 @@ __all__ = [
     "check_requested_engine",
     "detect_engine",
     "requested_engine",
+    "skip_unused_parameter_search",
 ]
 
 logger = logging.getLogger(__name__)
@@ -284,6 +285,25 @@ def log_engine(trainer: Any, requested: Engine | None) -> Engine:
             engine.name,
         )
     return engine
+
+
+def skip_unused_parameter_search(trainer: Any) -> bool:
+    """DDP without ``find_unused_parameters`` unless the user asks for it (Lightning's default too).
+
+    transformers turns it on for every ``PreTrainedModel`` without activation checkpointing, so that DDP walks the
+    autograd graph after every backward looking for parameters without a gradient. Under the recipe the frozen
+    parameters are not registered with DDP at all (and units unfrozen later are synchronised by hf_wb), so the search
+    finds nothing, costs time and warns on every rank. An explicit ``ddp_find_unused_parameters`` is kept as given;
+    a model whose trainable parameters are not all used by the loss then fails at its second step with DDP's own
+    error, whose fix is ``--ddp_find_unused_parameters true``.
+
+    Returns whether the setting was changed.
+    """
+    handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
+    if trainer.args.ddp_find_unused_parameters is not None or handler is None or not handler.find_unused_parameters:
+        return False
+    handler.find_unused_parameters = False
+    return True
 
 
 def _has_gpu() -> bool:

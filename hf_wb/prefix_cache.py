@@ -254,6 +254,7 @@ class PrefixCache:
         self.lmap = lmap
         self.dtype = dtype
         self.cache_dir = cache_dir
+        self.mixed_precision: str | None = None  # the autocast mode the states are computed under (part of the key)
         self.boundary = cache_boundary(self.model, lmap)
         self.key: str | None = None
         self.storage: torch.Tensor | None = None
@@ -298,7 +299,9 @@ class PrefixCache:
         for src in sources:
             starts.append(total)
             total += len(src)
-        model_key = prefix_fingerprint(self.model, self.lmap, self.boundary, self.dtype)
+        # states computed under mixed precision differ from float32 ones: the compute precision is part of the key
+        compute = self.dtype if self.mixed_precision in (None, "no") else f"{self.dtype}/{self.mixed_precision}"
+        model_key = prefix_fingerprint(self.model, self.lmap, self.boundary, compute)
         data_key = data_fingerprint(sources, columns)
         key = f"{model_key}-{data_key}"
         if key == self.key:

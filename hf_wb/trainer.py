@@ -53,7 +53,7 @@ from hf_wb.checkpoints import (
     write_json_atomic,
 )
 from hf_wb.config import CONFIG_NAME, WBConfig
-from hf_wb.engines import Engine, check_requested_engine, log_engine
+from hf_wb.engines import Engine, check_requested_engine, log_engine, skip_unused_parameter_search
 from hf_wb.extras import install_command, is_available
 from hf_wb.freezing import FreezePlan, freeze
 from hf_wb.layers import LayerMap, layer_map, unwrap_model
@@ -113,6 +113,11 @@ class WBTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.wb_engine: Engine = log_engine(self, requested)
         self._wb_requested_engine = requested
+        if skip_unused_parameter_search(self) and self.wb_engine.name == "DDP" and self.is_world_process_zero():
+            logger.info(
+                "hf_wb: DDP without find_unused_parameters (frozen parameters are not registered with DDP); pass "
+                "--ddp_find_unused_parameters true if the loss does not use every trainable parameter."
+            )
         if self.model is not None and self.model_init is None:
             self._apply_recipe(self.model)
         if self.model is not None and self.model_accepts_loss_kwargs and not loss_uses_num_items(self.model):
@@ -559,7 +564,9 @@ class WBTrainer(Trainer):
         sources = self._cache_sources()
         # on disk under DDP: the local main process builds, the other ranks wait for it and load its files
         first = self.args.main_process_first(local=True, desc="hf_wb prefix cache")
-        with first if self.wb_config.cache_dir else contextlib.nullcontext():
+        # computed under the autocast the training forward runs in, so a cached run equals an uncached one
+        cache.mixed_precision = self.accelerator.mixed_precision
+        with first if self.wb_config.cache_dir else contextlib.nullcontext(), self.accelerator.autocast():
             starts = cache.build(
                 sources,
                 self.data_collator,

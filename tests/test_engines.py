@@ -224,7 +224,7 @@ def test_ddp_with_prefix_cache_two_processes(tmp_path):
     report = _run_script(tmp_path, ["ddp-cache"])[0]["ddp-cache"]
     assert report["engine"] == "DDP"
     _check_exact(report)
-    assert report["served_batches"] == 8  # epochs 2 and 3: 4 steps each per rank
+    assert report["served_batches"] == 12  # built before training: all 3 epochs, 4 steps each per rank
     assert report["max_diff_vs_uncached"] < 1e-5
 
 
@@ -252,7 +252,7 @@ def test_prefix_cache_and_gradual_unfreezing_through_the_trainer(tmp_path, extra
         trainer.train()
         runs[cache] = trainer
     cached, plain = runs["on"], runs["off"]
-    assert cached.wb_cache_stats["served_batches"] == 4  # epochs 1 and 3 (2 steps each) served
+    assert cached.wb_cache_stats["served_batches"] == 8  # built before each stage: all 4 epochs (2 steps each)
     assert cached.wb_unfreezer.unfrozen_units == ["block_01"]  # at epoch 2; block_00 stays frozen
     base = {g["name"]: g["lr"] / g["lr_multiplier"] for g in cached.optimizer.param_groups}
     assert base.keys() >= {"block_01", "block_02", "block_03", "head"} and "block_00" not in base

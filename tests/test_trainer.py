@@ -244,6 +244,9 @@ def test_ddp_two_processes(tmp_path, launcher):
     assert report["logged_loss"] == pytest.approx(report["expected_loss"], rel=1e-4)
     assert report["max_param_diff_across_ranks"] == 0.0
     assert report["frozen_changed"] is False and report["trainable_changed"] is True
+    # DDP without the unused-parameter search (frozen parameters are not registered), and no warning on any rank
+    assert report["find_unused_parameters"] is False
+    assert "find_unused_parameters=True was specified" not in result.stderr
 
 
 def test_loss_kwargs_detection(tmp_path):

@@ -65,6 +65,7 @@ if dist.get_rank() == 0:
                 "expected_loss": float(torch.stack(losses).mean()),
                 "max_param_diff_across_ranks": float((gathered[0] - gathered[1]).abs().max()),
                 "frozen_changed": frozen_changed,
+                "find_unused_parameters": trainer.model_wrapped.find_unused_parameters,
                 "trainable_changed": trainable_changed,
             }
         )
