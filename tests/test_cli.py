@@ -38,8 +38,16 @@ PROBE = (
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["inspect", "--help"], ["push-recipe", "--help"], ["inspect"], ["no-such-command"]],
-    ids=["help", "inspect-help", "push-help", "missing-model", "bad-command"],
+    [
+        ["--help"],
+        ["inspect", "--help"],
+        ["push-recipe", "--help"],
+        ["tune", "--help"],
+        ["cache", "--help"],
+        ["inspect"],
+        ["no-such-command"],
+    ],
+    ids=["help", "inspect-help", "push-help", "tune-help", "cache-help", "missing-model", "bad-command"],
 )
 def test_help_and_argument_errors_do_not_import_torch_or_transformers(argv):
     out = subprocess.run(
