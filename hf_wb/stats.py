@@ -524,31 +524,19 @@ class ParamStats:
         One norm per tensor and one synchronisation; only tensors whose norm is non-finite or above the limit (the
         norm bounds the largest magnitude from above) are then looked at element by element.
         """
-        items = []
-        for t, x in zip(self._tracked, self._grads() if grads else self._weights(), strict=True):
-            if x is not None and x.numel() and x.is_floating_point():
-                items.append((t, x))
-        if not items:
-            return None
-        norms = to_floats(_norms([x for _, x in items]))
-        for (t, x), norm in zip(items, norms, strict=True):
-            limit = math.inf if limit_fraction is None else limit_fraction * torch.finfo(x.dtype).max
-            if math.isfinite(norm) and norm <= limit:
-                continue
-            bad = not bool(torch.isfinite(x).all())
-            if not bad and limit_fraction is not None:
-                bad = float(x.abs().amax()) > limit
-            if bad:
-                return t.entry.name, t.entry.unit
-        return None
+        found = self._first_bad([("", self._grads() if grads else self._weights())], limit_fraction)
+        return found[:2] if found else None
 
     def first_nonfinite_step(self, limit_fraction: float | None = None) -> tuple[str, str, str] | None:
         """The weights, then the gradients, checked in one pass (one fused norm per tensor, one synchronisation):
         ``(name, unit, "weights" | "gradients")`` of the first tensor in forward order holding NaN/Inf (or a
         magnitude above ``limit_fraction`` of its dtype's maximum), weights first since a non-finite weight makes
         every gradient below it non-finite too; ``None`` when all are finite."""
+        return self._first_bad([("weights", self._weights()), ("gradients", self._grads())], limit_fraction)
+
+    def _first_bad(self, sources: list, limit_fraction: float | None) -> tuple[str, str, str] | None:
         items = []
-        for where, xs in (("weights", self._weights()), ("gradients", self._grads())):
+        for where, xs in sources:
             for t, x in zip(self._tracked, xs, strict=True):
                 if x is not None and x.numel() and x.is_floating_point():
                     items.append((where, t, x))
