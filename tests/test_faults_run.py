@@ -143,14 +143,14 @@ def test_configured_signal_only_and_a_second_signal_is_not_caught(tmp_path):
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_preemption_signals_off_and_checked():
+def test_preemption_signals_off_and_checked(tmp_path):
     assert parse_signals("none") == () and parse_signals(None) == ()
     assert parse_signals("TERM, SIGUSR1,2") == (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     with pytest.raises(ValueError, match=r"`preemption_signals`: unknown signal 'SIGFOO'"):
         parse_signals("SIGTERM,SIGFOO")
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
         parse_signals("SIGKILL")
-    off = WBTrainer(model=tiny_model("bert"), wb_config=CONFIG, preemption_signals="none")
+    off = WBTrainer(model=tiny_model("bert"), args=run_args(tmp_path), wb_config=CONFIG, preemption_signals="none")
     assert off.wb_preemption is None or not off.wb_preemption.signals
     assert not any(isinstance(c, PreemptionCallback) for c in off.callback_handler.callbacks)
 
