@@ -19,7 +19,9 @@ uint8, one tensor per pruned module, keyed by its weight's name) with the round,
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,8 @@ __all__ = [
     "load_ticket",
     "find_ticket",
 ]
+
+logger = logging.getLogger(__name__)
 
 MASKS_NAME = "hf_wb_ticket.safetensors"
 TICKET_NAME = "hf_wb_ticket.json"
@@ -240,12 +244,17 @@ def load_ticket(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 @dataclass
 class TicketRound:
-    """One IMP round: its index, the sparsity it trained at, and the metrics of its trainer's evaluation."""
+    """One IMP round: its index, the sparsity it trained at, the metrics of its trainer's evaluation, and what the
+    round cost (process CPU and wall seconds of its training and evaluation) with the state of the frozen-prefix cache
+    (``"fill"``: this round computed it, ``"reuse"``: an earlier round's, ``"off"``: none)."""
 
     round: int
     sparsity: float
     metrics: dict[str, float] = field(default_factory=dict)
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    prefix_cache: str = "off"
 
 
 def find_ticket(
@@ -257,6 +266,7 @@ def find_ticket(
     scope: str = "global",
     include_head: bool = False,
     rewind_step: int = 0,
+    share_prefix_cache: bool = True,
 ) -> list[TicketRound]:
     """Iterative magnitude pruning with rewind.
 
@@ -278,6 +288,10 @@ def find_ticket(
         include_head: prune the head's weight matrices too.
         rewind_step: 0 = rewind to the starting weights; ``k`` = to the trainable weights after ``k`` steps of round 0
             (late rewinding, Frankle et al., 2020).
+        share_prefix_cache: the rounds share one frozen-prefix cache (the recipe's ``cache_frozen_prefix`` decides
+            whether there is one): pruning touches only the trained blocks, so the frozen blocks' outputs are the same
+            in every round, and round 1 onwards trains the top blocks only. The cache's key (frozen weights, boundary,
+            dtype, data) is checked at every reuse, as in a search.
 
     Returns:
         One :class:`TicketRound` per round (sparsity trained at, evaluation metrics, per-layer sparsity).
@@ -290,6 +304,7 @@ def find_ticket(
     masks: dict[str, torch.Tensor] | None = None
     rewind: dict[str, torch.Tensor] = {}
     history: list[TicketRound] = []
+    pool: dict[Any, Any] | None = {} if share_prefix_cache else None
     for r in range(rounds + 1):
         model = model_init()
         if masks is not None:  # before the trainer: its layer map and groups see the pruned parameters' names
@@ -301,13 +316,34 @@ def find_ticket(
             _load_rewind(model, rewind)
         elif r == 0 and rewind_step:
             trainer.add_callback(_Snapshot(rewind_step, model, rewind))
+        if pool is not None and getattr(trainer, "wb_cache_pool", None) is None:
+            trainer.wb_cache_pool = pool
+        filled = len(pool or {})
+        cpu, wall = time.process_time(), time.perf_counter()
         trainer.train()
         if r == 0 and rewind_step and not rewind:
             raise ValueError(f"`rewind_step`={rewind_step} was never reached: round 0 trained fewer steps.")
         in_force = current_masks(modules)
         metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        status = getattr(trainer, "wb_cache_status", None) or {}
+        cache = ("reuse" if pool and len(pool) == filled and r > 0 else "fill") if status.get("on") else "off"
         layers = sparsity(in_force)
-        history.append(TicketRound(r, layers.pop("total"), {k: float(v) for k, v in metrics.items()}, layers))
+        history.append(
+            TicketRound(
+                r,
+                layers.pop("total"),
+                {k: float(v) for k, v in metrics.items()},
+                layers,
+                round(cpu, 3),
+                round(wall, 3),
+                cache,
+            )
+        )
+        logger.info(
+            "hf_wb ticket round %d: sparsity %.1f%%, %.1f CPU s (prefix cache %s)", r, 100 * history[-1].sparsity,
+            cpu, cache,
+        )  # fmt: skip
         save_ticket(in_force, output_dir / f"round_{r}", round=r, rate=rate, scope=scope, metrics=history[-1].metrics)
         if r < rounds:
             masks = magnitude_masks(modules, rate, scope, in_force)

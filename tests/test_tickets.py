@@ -190,8 +190,10 @@ def test_masks_from_another_model_are_refused():
         apply_masks(smaller, masks)
 
 
-def test_rounds_reuse_the_on_disk_prefix_cache(tmp_path):
-    config = WBConfig(top_layers=2, cache_frozen_prefix="on", cache_dir=str(tmp_path / "cache"), **QUIET)
+@pytest.mark.parametrize("where", ["disk", "memory", "memory-unshared"])
+def test_rounds_reuse_the_prefix_cache(tmp_path, where):
+    folder = {"cache_dir": str(tmp_path / "cache")} if where == "disk" else {}
+    config = WBConfig(top_layers=2, cache_frozen_prefix="on", **folder, **QUIET)
     calls = []
 
     def make_trainer(model):
@@ -204,6 +206,17 @@ def test_rounds_reuse_the_on_disk_prefix_cache(tmp_path):
             wb_config=config,
         )
 
-    find_ticket(_model, make_trainer, rounds=2, rate=0.5, output_dir=tmp_path / "t")
+    shared = where != "memory-unshared"
+    history = find_ticket(
+        _model, make_trainer, rounds=2, rate=0.5, output_dir=tmp_path / "t", share_prefix_cache=shared
+    )
     assert len(calls[0]) > 0  # round 0 builds the cache of the frozen blocks' output
-    assert calls[1] == [] and calls[2] == []  # the pruned rounds never run the frozen blocks
+    if shared:
+        assert calls[1] == [] and calls[2] == []  # the pruned rounds never run the frozen blocks
+        assert [h.prefix_cache for h in history] == ["fill", "reuse", "reuse"]
+    else:
+        assert len(calls[1]) > 0 and len(calls[2]) > 0  # each round builds its own cache
+        assert [h.prefix_cache for h in history] == ["fill", "fill", "fill"]
+    assert all(h.cpu_seconds > 0 and h.wall_seconds > 0 for h in history)
+    recorded = json.loads((tmp_path / "t" / "hf_wb_ticket.json").read_text())["history"]
+    assert [h["prefix_cache"] for h in recorded] == [h.prefix_cache for h in history]
