@@ -21,6 +21,11 @@ panel and listed at the bottom. From the top:
   fraction of their spread, so the distribution of ``W`` itself barely changes; its drift shows what training did.
   Runs recorded without drift (older event files, ``drift=False``) get the raw weight and bias distributions;
 * the diagnostics findings, which ``main`` also prints as a table with their advice.
+
+A run trained with a winning ticket applied (``hf-wb ticket``'s ``round_<r>`` folders, or any run of a model with
+:func:`hf_wb.tickets.load_ticket` masks) gets one more panel next to the gradient norms: the sparsity per unit (bars,
+the fraction of zeros in each unit's pruned weight matrices), from the run's ``hf_wb_summary.json`` (per unit) or
+else its ``hf_wb_ticket.json`` (per pruned module); ``main`` prints it too. A dense round 0 gets no panel.
 """
 
 from __future__ import annotations
@@ -43,7 +48,16 @@ from hf_wb.extras import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunData", "load_run", "render_report", "build_figure", "findings_table", "main", "MAX_UNIT_ROWS"]
+__all__ = [
+    "RunData",
+    "load_run",
+    "render_report",
+    "build_figure",
+    "findings_table",
+    "sparsity_text",
+    "main",
+    "MAX_UNIT_ROWS",
+]
 
 MAX_UNIT_ROWS = 8
 SMALL_GROUP = 32  # groups with at most this many values (an output bias) are drawn as mean and range lines
@@ -70,6 +84,9 @@ class RunData:
     histograms: dict[str, list[Histogram]] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
     event_dirs: list[str] = field(default_factory=list)
+    sparsity: dict[str, float] = field(default_factory=dict)  # unit (or pruned module) -> fraction of zeros
+    sparsity_total: float | None = None
+    sparsity_source: str = ""
 
 
 def _event_dirs(run_dir: Path) -> list[Path]:
@@ -87,8 +104,37 @@ def _find_diagnostics(run_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _find_file(run_dir: Path, name: str) -> Path | None:
+    for folder in [run_dir, *list(run_dir.parents)[:2]]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_sparsity(run_dir: Path, data: RunData) -> None:
+    """The pruning masks the run trained with: per unit from ``hf_wb_summary.json``, else per pruned module from
+    ``hf_wb_ticket.json`` (in ``run_dir`` or up to two folders above it); nothing for a dense run."""
+    from hf_wb.summary import SUMMARY_NAME
+
+    path = _find_file(run_dir, SUMMARY_NAME)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("sparsity") if path else None
+        if recorded:
+            data.sparsity, data.sparsity_total = dict(recorded["units"]), float(recorded["total"])
+            data.sparsity_source = str(path)
+            return
+        path = _find_file(run_dir, "hf_wb_ticket.json")  # = hf_wb.tickets.TICKET_NAME, without importing torch
+        ticket = json.loads(path.read_text(encoding="utf-8")).get("sparsity") if path else None
+        if ticket and ticket.get("total"):
+            data.sparsity_total = float(ticket.pop("total"))
+            data.sparsity, data.sparsity_source = {k: float(v) for k, v in ticket.items()}, str(path)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        logger.warning("Could not read the run's sparsity from %s: %s", path, exc)
+
+
 def load_run(run_dir: str | os.PathLike) -> RunData:
-    """Read every event file under ``run_dir`` (and ``diagnostics.json`` in it, or up to two folders above it).
+    """Read every event file under ``run_dir`` (and ``diagnostics.json`` in it, or up to two folders above it; the
+    sparsity of a pruned run from ``hf_wb_summary.json`` or ``hf_wb_ticket.json``, likewise).
 
     When the same tag appears in several event folders, the series with the most points is kept.
 
@@ -129,6 +175,7 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
             data.findings = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             logger.warning("Could not read %s: %s", path, exc)
+    _read_sparsity(run, data)
     return data
 
 
@@ -472,6 +519,38 @@ def _head_panel(ax, data: RunData) -> None:
         ax.legend(fontsize=6, frameon=False, ncol=2 if len(classes) > 3 else 1)
 
 
+def _sparsity_panel(ax, data: RunData, colours: dict[str, Any]) -> None:
+    """Horizontal bars: the fraction of zeros in each unit's (or pruned module's) weight matrices, bottom unit
+    lowest."""
+    names = list(data.sparsity)
+    values = [100 * data.sparsity[n] for n in names]
+    labels = [_short_module(n) for n in names]
+    ax.barh(range(len(names)), values, color=[colours.get(n, "C2") for n in names], height=0.7)
+    for i, v in enumerate(values):
+        ax.text(min(v, 100) + 1, i, f"{v:.1f}%", va="center", fontsize=6)
+    ax.set_yticks(range(len(names)), labels, fontsize=6 if len(names) > 8 else 7)
+    ax.set_xlim(0, 115)
+    ax.set_xlabel("% of weights pruned", fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    total = f"{100 * data.sparsity_total:.1f}%" if data.sparsity_total is not None else "?"
+    ax.set_title(f"pruned per unit (ticket, {total} overall)", fontsize=9, loc="left")
+
+
+def _short_module(name: str) -> str:
+    """``bert.encoder.layer.2.attention.self.query`` -> ``layer.2.attention.self.query``; units unchanged."""
+    parts = name.split(".")
+    return ".".join(parts[-5:]) if len(parts) > 5 else name
+
+
+def sparsity_text(data: RunData) -> str:
+    """The sparsity of a pruned run in one line (empty for a dense run)."""
+    if not data.sparsity:
+        return ""
+    per = ", ".join(f"{_short_module(n)} {100 * v:.1f}%" for n, v in data.sparsity.items())
+    return f"Ticket sparsity {100 * (data.sparsity_total or 0.0):.1f}% ({per}); from {data.sparsity_source}"
+
+
 def _render(data: RunData, run_dir: str | os.PathLike, output: str | os.PathLike | None) -> Path:
     output = Path(output) if output is not None else Path(run_dir) / "hf_wb_report.png"
     fig = build_figure(data, Path(run_dir).resolve().name)
@@ -536,7 +615,7 @@ def build_figure(data: RunData, name: str = "run"):
     _head_panel(ax, data)
     axes.append(ax)
 
-    row2 = grid[1].subgridspec(1, 3, wspace=0.22)
+    row2 = grid[1].subgridspec(1, 4 if data.sparsity else 3, wspace=0.22)
     ratio_series = {t.split("/", 1)[1]: s for t, s in data.scalars.items() if t.startswith("drift_ratio/")}
     ax = fig.add_subplot(row2[0, 0])
     _lines(ax, ratio_series, "drift from the start  ||W - W0|| / ||W0||  per unit", log=True, colours=colours,
@@ -554,6 +633,8 @@ def build_figure(data: RunData, name: str = "run"):
     ax = fig.add_subplot(row2[0, 2])
     _lines(ax, grads, "gradient norm per unit (after clipping)", log=True, colours=colours)
     axes.append(ax)
+    if data.sparsity:  # not on the step axis: not in `axes`
+        _sparsity_panel(fig.add_subplot(row2[0, 3]), data, colours)
 
     note = fig.add_subplot(grid[2])
     note.set_axis_off()
@@ -633,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-wb report: error: {exc}", file=sys.stderr)
         return 2
     print(f"Report written to {path}")
+    if data.sparsity:
+        print(sparsity_text(data))
     print(findings_table(findings))
     return 0
 

@@ -251,3 +251,34 @@ def test_old_runs_without_drift_still_render(broken_run):
         del data.histograms[tag]
     titles = _titles(build_figure(data))
     assert "block_00 weights" in titles and "block_00 W - W0 (weights)" not in titles
+
+
+def test_a_pruned_run_gets_a_sparsity_panel(broken_run, tmp_path):
+    """A run folder holding hf_wb_ticket.json (per pruned module) and no recorded sparsity in a summary: the panel
+    has a bar per module, off the step axis; a dense ticket (round 0) adds none."""
+    import shutil
+
+    from hf_wb.report import build_figure, sparsity_text
+
+    run = tmp_path / "run"
+    shutil.copytree(broken_run, run)
+    ticket = {"round": 1, "sparsity": {"blocks.0": 0.25, "blocks.1": 0.75, "total": 0.5}}
+    (run / "hf_wb_ticket.json").write_text(json.dumps(ticket))
+    data = load_run(run)
+    assert data.sparsity == {"blocks.0": 0.25, "blocks.1": 0.75} and data.sparsity_total == 0.5
+    assert sparsity_text(data).startswith("Ticket sparsity 50.0% (blocks.0 25.0%, blocks.1 75.0%); from ")
+    fig = build_figure(data)
+    (panel,) = [ax for ax in fig.axes if ax.get_title(loc="left") == "pruned per unit (ticket, 50.0% overall)"]
+    assert [round(p.get_width(), 6) for p in panel.patches] == [25.0, 75.0]
+    assert [t.get_text() for t in panel.get_yticklabels()] == ["blocks.0", "blocks.1"]
+    assert panel.get_xlim() == (0.0, 115.0)  # a percentage axis, not the step axis
+    # the summary's per-unit record wins over the ticket file's per-module one
+    (run / "hf_wb_summary.json").write_text(json.dumps({"sparsity": {"units": {"block_01": 0.5}, "total": 0.5}}))
+    assert load_run(run).sparsity == {"block_01": 0.5}
+    # dense: nothing
+    ticket["sparsity"] = {"blocks.0": 0.0, "total": 0.0}
+    (run / "hf_wb_ticket.json").write_text(json.dumps(ticket))
+    (run / "hf_wb_summary.json").unlink()
+    data = load_run(run)
+    assert data.sparsity == {} and sparsity_text(data) == ""
+    assert not any(ax.get_title(loc="left").startswith("pruned per unit") for ax in build_figure(data).axes)
