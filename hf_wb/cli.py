@@ -1,9 +1,10 @@
 """The ``hf-wb`` console command.
 
-    hf-wb inspect MODEL [--config FILE] [--lr LR]   the recipe as a table, before any training
+    hf-wb inspect MODEL [--config FILE] [--lr LR]   the recipe as a table, before any training (--ticket: sparsity)
     hf-wb glue CONFIG.yaml [--key value ...]        a GLUE run (same as scripts/run_glue.py)
     hf-wb report RUN_DIR [--output PNG]             plots and diagnostics of a finished run
     hf-wb tune CONFIG.yaml --n-trials N [--key value ...]   search the recipe (optuna) on a cached prefix
+    hf-wb ticket CONFIG.yaml --rounds R --rate P [--key value ...]   a winning ticket (iterative magnitude pruning)
     hf-wb push-recipe CONFIG --repo-id NAME         share a recipe on the Hugging Face Hub
     hf-wb cache list DIR [--verify]                 the on-disk prefix caches in DIR (cache_dir)
     hf-wb cache clear DIR [KEY ...]                 remove them (all, or the given keys)
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # torch and transformers load only after the arguments are pa
 __all__ = ["main", "load_recipe"]
 
 CONFIG_NAME = "hf_wb_config.json"  # = hf_wb.config.CONFIG_NAME, without importing transformers for --help
+MASKS_NAME = "hf_wb_ticket.safetensors"  # = hf_wb.tickets.MASKS_NAME, likewise
 
 
 def load_recipe(path: str | None) -> tuple[WBConfig, dict[str, Any]]:
@@ -106,9 +108,18 @@ def _inspect(args: argparse.Namespace) -> int:
             lr_from = f"not recorded in {source} (no hf_wb_summary.json): the TrainingArguments default; pass --lr"
     wd = args.weight_decay if args.weight_decay is not None else float(rest.get("weight_decay", 0.01))
     model = _load_model(args.model, args.task, args.num_labels)
+    ticket = args.ticket
+    if ticket is None and Path(args.model, MASKS_NAME).is_file():
+        ticket = args.model  # a ticket folder (hf-wb ticket): its masks on its model
+    if ticket is not None:
+        from hf_wb.tickets import load_ticket
+
+        load_ticket(model, ticket)
     rows, totals = recipe_summary(model, config, lr=lr, weight_decay=wd)
     recipe_from = f"recipe from {source}" if source else "the default recipe WBConfig()"
     title = f"{args.model} ({type(model).__name__}), {recipe_from}, base lr {lr:g} ({lr_from})"
+    if ticket is not None:
+        title += f", ticket from {ticket} ({100 * totals['sparsity']['total']:.1f}% sparsity)"
     print(format_summary(rows, totals, title=title))
     return 0
 
@@ -189,6 +200,44 @@ def _tune(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _ticket(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.rounds < 1:
+        raise SystemExit(f"hf-wb ticket: --rounds must be >= 1 (R + 1 trainings, round 0 dense), got {args.rounds}.")
+    if not 0.0 < args.rate < 1.0:
+        raise SystemExit(
+            f"hf-wb ticket: --rate must be in (0, 1) (the fraction of surviving weights pruned per round), got "
+            f"{args.rate}."
+        )
+    if args.rewind_step < 0:
+        raise SystemExit(f"hf-wb ticket: --rewind-step must be >= 0 (0: the start), got {args.rewind_step}.")
+    # heavy imports (torch, transformers) only now that the arguments are known
+    from hf_wb.glue.run import parse_args
+    from hf_wb.glue.ticket import ROUNDS_NAME, ticket_glue
+
+    logging.getLogger("hf_wb.glue.ticket").setLevel(logging.INFO)
+    if args.quiet:  # no table: a log line per round instead
+        logging.getLogger("hf_wb.tickets").setLevel(logging.INFO)
+    parsed = parse_args([args.config, *rest])
+    output_dir = args.output_dir or f"{parsed.training.output_dir.rstrip('/')}-ticket"
+    results = ticket_glue(
+        parsed,
+        output_dir,
+        rounds=args.rounds,
+        rate=args.rate,
+        scope=args.scope,
+        include_head=args.include_head,
+        rewind_step=args.rewind_step,
+        share_prefix_cache=not args.no_prefix_cache,
+        live=not args.quiet,
+    )
+    print(
+        f"ticket after {results['rounds']} rounds: sparsity {100 * results['sparsity']:.1f}%, dev "
+        f"{results['dev_score']:.2f} (dense {results['dense_dev_score']:.2f})\n"
+        f"{output_dir}/{MASKS_NAME}  {output_dir}/model.safetensors  {output_dir}/{ROUNDS_NAME}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-wb", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--num-labels", type=int, default=None, help="labels of the classification head (default: the folder's, or 2)"
+    )
+    p.add_argument(
+        "--ticket",
+        default=None,
+        help="apply a winning ticket's masks (a folder holding hf_wb_ticket.safetensors, or the file) and show the "
+        "sparsity per unit (default: MODEL's own, when it is a ticket folder)",
     )
     p.set_defaults(func=_inspect)
 
@@ -247,6 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar and table of trials")
     p.set_defaults(func=None)
 
+    p = sub.add_parser(
+        "ticket",
+        help="find a winning ticket on a GLUE task: iterative magnitude pruning with rewind of the blocks the recipe "
+        "trains (any run_glue --key value after the options overrides the config)",
+        allow_abbrev=False,
+    )
+    p.add_argument("config", help="GLUE config file, e.g. configs/glue/mrpc.yaml")
+    p.add_argument("--rounds", type=int, required=True, help="pruning rounds R (R + 1 trainings, round 0 dense)")
+    p.add_argument("--rate", type=float, required=True, help="fraction of the surviving weights pruned per round")
+    p.add_argument(
+        "--scope",
+        choices=["global", "layer"],
+        default="global",
+        help="global: rank all pruned matrices together (default); layer: prune each by the same fraction",
+    )
+    p.add_argument("--include-head", action="store_true", help="prune the head's weight matrices too")
+    p.add_argument(
+        "--rewind-step", type=int, default=0, help="rewind to the weights after K steps of round 0 (default 0: start)"
+    )
+    p.add_argument("--output-dir", default=None, help="rounds, ticket, model (default: <output_dir>-ticket)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="each round runs the frozen blocks itself")
+    p.add_argument("--quiet", action="store_true", help="no table of rounds")
+    p.set_defaults(func=None)
+
     sub.add_parser("glue", help="run a GLUE task: hf-wb glue configs/glue/mrpc.yaml [--key value ...]", add_help=False)
     sub.add_parser("report", help="render a PNG and a diagnostics table from a run folder", add_help=False)
     return parser
@@ -257,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = argv[0] if argv else ""
     args, rest, run = None, [], None
-    if command == "tune":
+    if command in ("tune", "ticket"):
         args, rest = build_parser().parse_known_args(argv)
     elif command not in ("glue", "report"):
         args = build_parser().parse_args(argv)  # --help and argument errors end here, before torch loads
@@ -275,12 +354,14 @@ def main(argv: list[str] | None = None) -> int:
             return report_main(argv[1:])
         if command == "tune":
             return _tune(args, rest)
+        if command == "ticket":
+            return _ticket(args, rest)
         return run(args)
     except HubError as exc:  # one line with the cause and the fix, no traceback
         print(f"hf-wb {command}: error: {exc}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as exc:
-        if command in ("glue", "report", "tune"):
+        if command in ("glue", "report", "tune", "ticket"):
             raise
         print(f"hf-wb {command}: error: {exc}", file=sys.stderr)
         return 1

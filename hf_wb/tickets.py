@@ -267,6 +267,7 @@ def find_ticket(
     include_head: bool = False,
     rewind_step: int = 0,
     share_prefix_cache: bool = True,
+    on_round: Callable[[TicketRound], None] | None = None,
 ) -> list[TicketRound]:
     """Iterative magnitude pruning with rewind.
 
@@ -292,6 +293,8 @@ def find_ticket(
             whether there is one): pruning touches only the trained blocks, so the frozen blocks' outputs are the same
             in every round, and round 1 onwards trains the top blocks only. The cache's key (frozen weights, boundary,
             dtype, data) is checked at every reuse, as in a search.
+        on_round: called with each :class:`TicketRound` once the round is trained, evaluated and its masks saved
+            (a progress table, a log that survives an interrupted search).
 
     Returns:
         One :class:`TicketRound` per round (sparsity trained at, evaluation metrics, per-layer sparsity).
@@ -345,6 +348,8 @@ def find_ticket(
             cpu, cache,
         )  # fmt: skip
         save_ticket(in_force, output_dir / f"round_{r}", round=r, rate=rate, scope=scope, metrics=history[-1].metrics)
+        if on_round is not None:
+            on_round(history[-1])
         if r < rounds:
             masks = magnitude_masks(modules, rate, scope, in_force)
     save_ticket(in_force, output_dir, rounds=rounds, rate=rate, scope=scope, history=[asdict(h) for h in history])

@@ -44,10 +44,24 @@ PROBE = (
         ["push-recipe", "--help"],
         ["tune", "--help"],
         ["cache", "--help"],
+        ["ticket", "--help"],
         ["inspect"],
         ["no-such-command"],
+        ["ticket", "configs/glue/mrpc.yaml", "--rounds", "0", "--rate", "0.2"],
+        ["ticket", "configs/glue/mrpc.yaml", "--rounds", "2", "--rate", "1.0"],
     ],
-    ids=["help", "inspect-help", "push-help", "tune-help", "cache-help", "missing-model", "bad-command"],
+    ids=[
+        "help",
+        "inspect-help",
+        "push-help",
+        "tune-help",
+        "cache-help",
+        "ticket-help",
+        "missing-model",
+        "bad-command",
+        "ticket-rounds",
+        "ticket-rate",
+    ],
 )
 def test_help_and_argument_errors_do_not_import_torch_or_transformers(argv):
     out = subprocess.run(
