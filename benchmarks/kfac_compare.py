@@ -5,7 +5,8 @@ Method: for each task and seed, three trainings of the packaged MiniLM under the
 cache per procedure, filled by the first run and reused by the others, so every run trains the top blocks only), from
 the same pre-trained weights and seeded head, on the same batches in the same order:
 
-- ``adamw``: the config as it is (``adamw_torch``, base LR 2e-5, so 2e-4 for the trained blocks and the head);
+- ``adamw``: the config as it is (the Trainer's default AdamW, ``adamw_torch_fused``; base LR 2e-5, so 2e-4 for the
+  trained blocks and the head);
 - ``kfac``: ``WBConfig(optimizer="kfac")`` for the same epochs, so the same steps, with base LR ``--kfac-lr``
   (default 1e-3: 1e-2 for the trained blocks and the head, the rate the README's K-FAC section recommends; K-FAC's
   other settings at their documented defaults; not tuned here);
@@ -184,7 +185,8 @@ def write_report(records: list[dict[str, Any]], path: Path, command: str) -> Non
     lines += [
         f"Packaged MiniLM ({r0['model']}), recipe of `configs/glue/<task>.yaml` (top {r0['recipe']['top_layers']} "
         f"blocks x{r0['recipe']['top_lr_multiplier']:g} over frozen blocks, prefix cache on), batch "
-        f"{r0['batch_size']}. AdamW: base LR {a0['learning_rate']:g}; K-FAC: base LR {k0['learning_rate']:g}, "
+        f"{r0['batch_size']}. AdamW (`{a0['optimizer']}`): base LR {a0['learning_rate']:g}; K-FAC: base LR "
+        f"{k0['learning_rate']:g}, "
         f"optim_args `{r0['kfac_args'] or 'defaults'}`. Equal steps: the config's epochs for both. Equal time: "
         "K-FAC's max_steps = floor(AdamW's summed step CPU seconds / K-FAC's mean step CPU seconds). CPU seconds = "
         f"process time of the optimizer steps (forward, backward, step), one thread. {r0['host']}, "
