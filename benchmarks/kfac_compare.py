@@ -27,8 +27,10 @@ final training loss, per-step CPU cost of each optimizer and their ratio, and a 
 and against CPU seconds.
 
 Default suite: MRPC (first 700 training rows, 3 epochs) and SST-2 (first 900 rows, 2 epochs), glue_compare's
-training subsets, full dev sets, seeds 42 43 44. Estimated cost about 1,500 CPU-seconds in all (about 13 min wall
-with ``--jobs 2`` on 2 free cores)::
+training subsets, full dev sets, seeds 42 43 44. Estimated cost about 1,800 CPU-seconds in all (about 15 min wall
+with ``--jobs 2`` on 2 otherwise idle cores), extrapolated from a run at 224 training rows on a loaded machine: AdamW
+about 0.036 (MRPC) / 0.021 (SST-2) CPU-s per row-epoch with the cache, K-FAC 2.5x / 3.0x that per step, about 9 / 12 s
+per dev evaluation. With ticket_curve.py's default suite (about 2,800) the two come to about 4,600 CPU-seconds::
 
     python benchmarks/kfac_compare.py --jobs 2                                        # the default suite
     python benchmarks/kfac_compare.py --tasks mrpc --seeds 42 --train-sizes 64 --name kfac_smoke
