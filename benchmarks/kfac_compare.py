@@ -248,9 +248,10 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
                             label=label)  # fmt: skip
         row[0].set_xlabel("optimizer step")
         row[1].set_xlabel("CPU seconds of the optimizer steps")
+        row[0].set_title(f"{task}: training loss per step (one line per seed)")
+        row[1].set_title(f"{task}: training loss per CPU second")
         for ax in row:
             ax.set_ylabel("training loss")
-            ax.set_title(f"{task}: AdamW vs K-FAC (MiniLM, recipe; one line per seed)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -24,7 +24,7 @@ dense seed mean (and the same per seed), and the round costs with and without th
 
 Default suite: MRPC (first 700 training rows, 3 epochs, max length 128) and SST-2 (first 900 rows, 2 epochs, max
 length 64): glue_compare's training subsets; full dev sets; seeds 42 43 44; 5 rounds at rate 0.35 (sparsity 0%,
-35%, 57.8%, 72.5%, 82.1%, 88.4%). Estimated cost about 2,800 CPU-seconds in all (about 24 min wall with ``--jobs 2``
+35%, 57.7%, 72.5%, 82.1%, 88.4%). Estimated cost about 2,800 CPU-seconds in all (about 24 min wall with ``--jobs 2``
 on 2 otherwise idle cores), extrapolated from a run at 224 training rows on a loaded machine: a cached round costs
 about 0.036 (MRPC) / 0.021 (SST-2) CPU-s per row-epoch of training plus about 9 / 12 s for the dev evaluation and the
 model load, so about 85 / 50 s at the default sizes; an uncached round about 1.3x the training part::
