@@ -459,6 +459,36 @@ def _setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
+def load_task_inputs(
+    task: GlueTask, model_args: ModelArguments, data_args: DataArguments, splits: list[str]
+) -> tuple[Any, transformers.PretrainedConfig, Any]:
+    """What ``run_glue``, ``hf-wb tune`` and ``hf-wb ticket`` load the same way: the task's raw ``splits`` (cut to
+    ``max_train_samples`` / ``max_eval_samples``), the model's config with the task's labels, and the tokenizer."""
+    raw = load_glue(task, data_dir=data_args.data_dir, splits=splits, cache_dir=data_args.dataset_cache_dir)
+    raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
+    config = AutoConfig.from_pretrained(
+        resolve_model_path(model_args.model_name_or_path),
+        num_labels=task.num_labels,
+        finetuning_task=task.name,
+        revision=model_args.model_revision,
+        **({"id2label": task.id2label, "label2id": task.label2id} if not task.is_regression else {}),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path),
+        revision=model_args.model_revision,
+    )
+    return raw, config, tokenizer
+
+
+def model_load_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """``from_pretrained`` keywords of the model options (revision, mismatched sizes, dtype)."""
+    return {
+        "revision": model_args.model_revision,
+        "ignore_mismatched_sizes": model_args.ignore_mismatched_sizes,
+        "dtype": model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
+    }
+
+
 def run_glue(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -506,27 +536,9 @@ def run_glue(
 
     set_seed(training_args.seed)
     splits = (["train"] if training_args.do_train else []) + (list(task.eval_splits) if training_args.do_eval else [])
-    raw = load_glue(task, data_dir=data_args.data_dir, splits=splits, cache_dir=data_args.dataset_cache_dir)
-    raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
-
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    config = AutoConfig.from_pretrained(
-        model_path,
-        num_labels=task.num_labels,
-        finetuning_task=task.name,
-        revision=model_args.model_revision,
-        **({"id2label": task.id2label, "label2id": task.label2id} if not task.is_regression else {}),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path),
-        revision=model_args.model_revision,
-    )
+    raw, config, tokenizer = load_task_inputs(task, model_args, data_args, splits)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path,
-        config=config,
-        revision=model_args.model_revision,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
+        resolve_model_path(model_args.model_name_or_path), config=config, **model_load_kwargs(model_args)
     )
 
     with training_args.main_process_first(desc="tokenizing"):

@@ -104,12 +104,12 @@ def ticket_glue(
         raise ValueError(f"`rounds` must be >= 1, got {rounds}.")
     if not 0.0 < rate < 1.0:
         raise ValueError(f"`rate` must be in (0, 1) (the fraction of surviving weights pruned per round), got {rate}.")
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
     from transformers import set_seed as hf_set_seed
 
-    from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
+    from hf_wb.glue.data import tokenize_glue
     from hf_wb.glue.metrics import build_compute_metrics
+    from hf_wb.glue.run import load_task_inputs, model_load_kwargs
     from hf_wb.glue.tasks import get_task
     from hf_wb.glue.tune import task_score
     from hf_wb.layers import unwrap_model
@@ -122,18 +122,11 @@ def ticket_glue(
     model_args, data_args, training = parsed.model, parsed.data, parsed.training
     task = get_task(data_args.task_name)
 
-    raw = load_glue(
-        task, data_dir=data_args.data_dir, splits=["train", *task.eval_splits], cache_dir=data_args.dataset_cache_dir
-    )
-    raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    labels = {"id2label": task.id2label, "label2id": task.label2id} if not task.is_regression else {}
-    config = AutoConfig.from_pretrained(model_path, num_labels=task.num_labels, finetuning_task=task.name, **labels)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_path))
+    raw, config, tokenizer = load_task_inputs(task, model_args, data_args, ["train", *task.eval_splits])
     tokenized = tokenize_glue(
         raw, tokenizer, task, max_seq_length=data_args.max_seq_length, cache_dir=data_args.dataset_cache_dir
     )
-    dtype = None if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    model_path, load_kwargs = resolve_model_path(model_args.model_name_or_path), model_load_kwargs(model_args)
     several = len(task.eval_splits) > 1
     dev: Any = (
         {split.removeprefix("validation_"): tokenized[split] for split in task.eval_splits}
@@ -144,7 +137,7 @@ def ticket_glue(
 
     def model_init() -> Any:
         hf_set_seed(training.seed)  # a newly initialised head starts the same in every round
-        return AutoModelForSequenceClassification.from_pretrained(model_path, config=config, dtype=dtype)
+        return AutoModelForSequenceClassification.from_pretrained(model_path, config=config, **load_kwargs)
 
     compute_metrics = build_compute_metrics(task)
     collator = DataCollatorWithPadding(tokenizer)

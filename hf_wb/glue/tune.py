@@ -154,19 +154,16 @@ def tune_glue(
         live: show the progress bar and the table of trials.
     """
     import optuna
-    import torch
     from transformers import (
-        AutoConfig,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
     )
 
     from hf_wb.config import WBConfig
-    from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
+    from hf_wb.glue.data import tokenize_glue
     from hf_wb.glue.metrics import build_compute_metrics
-    from hf_wb.glue.run import _eval_prefix, load_config_file
+    from hf_wb.glue.run import _eval_prefix, load_config_file, load_task_inputs, model_load_kwargs
     from hf_wb.glue.tasks import get_task
     from hf_wb.summary import resolve_model_path
     from hf_wb.trainer import WBTrainer
@@ -178,10 +175,7 @@ def tune_glue(
     model_args, data_args, training = parsed.model, parsed.data, parsed.training
     task = get_task(data_args.task_name)
 
-    raw = load_glue(
-        task, data_dir=data_args.data_dir, splits=["train", *task.eval_splits], cache_dir=data_args.dataset_cache_dir
-    )
-    raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
+    raw, config, tokenizer = load_task_inputs(task, model_args, data_args, ["train", *task.eval_splits])
     carved = raw["train"].train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
     raw["search_train"], raw["search_validation"] = carved["train"], carved["test"]
     del raw["train"]
@@ -195,17 +189,13 @@ def tune_glue(
         split_seed,
     )
 
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    labels = {"id2label": task.id2label, "label2id": task.label2id} if not task.is_regression else {}
-    config = AutoConfig.from_pretrained(model_path, num_labels=task.num_labels, finetuning_task=task.name, **labels)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_path))
     tokenized = tokenize_glue(
         raw, tokenizer, task, max_seq_length=data_args.max_seq_length, cache_dir=data_args.dataset_cache_dir
     )
-    dtype = None if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    model_path, load_kwargs = resolve_model_path(model_args.model_name_or_path), model_load_kwargs(model_args)
 
     def model_init() -> Any:
-        return AutoModelForSequenceClassification.from_pretrained(model_path, config=config, dtype=dtype)
+        return AutoModelForSequenceClassification.from_pretrained(model_path, config=config, **load_kwargs)
 
     args = dataclasses.replace(
         training,
