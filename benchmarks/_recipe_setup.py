@@ -64,11 +64,11 @@ def setup_task(
     checkpoints, evaluation only where the caller asks) and load, truncate and tokenize the task's train and dev
     splits as ``run_glue`` does."""
     import transformers
-    from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding
 
-    from hf_wb.glue.data import load_glue, tokenize_glue, truncate_splits
+    from hf_wb.glue.data import tokenize_glue
     from hf_wb.glue.metrics import build_compute_metrics
-    from hf_wb.glue.run import parse_args
+    from hf_wb.glue.run import load_task_inputs, parse_args
     from hf_wb.glue.tasks import get_task
     from hf_wb.summary import resolve_model_path
 
@@ -86,15 +86,9 @@ def setup_task(
     parsed = parse_args(argv + list(overrides or []))
     data = parsed.data
     task = get_task(data.task_name)
-    raw = load_glue(task, data_dir=data.data_dir, splits=["train", task.eval_splits[0]])
-    raw = truncate_splits(raw, data.max_train_samples, data.max_eval_samples)
+    raw, model_config, tokenizer = load_task_inputs(task, parsed.model, data, ["train", task.eval_splits[0]])
     model_path = resolve_model_path(parsed.model.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenized = tokenize_glue(raw, tokenizer, task, max_seq_length=data.max_seq_length)
-    labels = {"id2label": task.id2label, "label2id": task.label2id} if not task.is_regression else {}
-    model_config = AutoConfig.from_pretrained(
-        model_path, num_labels=task.num_labels, finetuning_task=task.name, **labels
-    )
     return TaskSetup(
         parsed,
         task,
