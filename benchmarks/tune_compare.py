@@ -27,6 +27,7 @@ SST-2) with glue_compare's training subsets (first 900 / 700 / 900 rows), full d
 otherwise (batch 32, max length 128), seeds 42 43 44, budget 900 CPU seconds per side and procedure::
 
     python benchmarks/tune_compare.py --glue-dir ../shared/data/glue                  # both parts, full suite
+    python benchmarks/tune_compare.py --parts quality --jobs 2                        # 2 procedures side by side
     python benchmarks/tune_compare.py --parts timing                                  # timing only
     python benchmarks/tune_compare.py --parts quality --tasks mrpc --seeds 42 --train-sizes 200 --budget 120
 
