@@ -44,6 +44,22 @@ class TaskSetup:
         set_seed(seed)
         return AutoModelForSequenceClassification.from_pretrained(self.model_path, config=self.model_config)
 
+    def constant_baseline(self) -> dict[str, float]:
+        """The dev metrics of a model that ignores its input: the training set's most frequent label for every dev
+        row (the training mean for regression), the floor a fine-tune has to beat to mean anything."""
+        import numpy as np
+        from transformers import EvalPrediction
+
+        train = np.asarray(self.train["label"])
+        dev = np.asarray(self.dev["label"])
+        if self.task.is_regression:
+            predictions = np.full((len(dev), 1), float(train.mean()))
+        else:
+            predictions = np.zeros((len(dev), self.task.num_labels))
+            predictions[:, np.bincount(train.astype(int)).argmax()] = 1.0
+        metrics = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=dev))
+        return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
     def score(self, metrics: dict[str, float]) -> float:
         from hf_wb.glue.tune import task_score
 
