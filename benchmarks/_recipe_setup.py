@@ -141,6 +141,16 @@ def host() -> dict[str, Any]:
     }
 
 
+def report_command(script: str, raw_argv: list[str], report: Path, report_only: bool) -> str:
+    """The command a report names: this one, or with ``--report-only`` the one the existing report already names
+    (the command that measured the records, not the one that redrew them)."""
+    if report_only and report.is_file():
+        for line in report.read_text(encoding="utf-8").splitlines():
+            if line.startswith("Command: `") and line.endswith("`"):
+                return line[len("Command: `") : -1]
+    return f"python benchmarks/{script} " + " ".join(raw_argv)
+
+
 def load(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

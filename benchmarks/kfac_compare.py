@@ -64,6 +64,7 @@ from _recipe_setup import (  # noqa: E402
     load,
     mean_std,
     parse_sizes,
+    report_command,
     run_procedures,
     setup_task,
 )
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{args.name}.jsonl"
-    command = "python benchmarks/kfac_compare.py " + " ".join(raw_argv)
+    command = report_command("kfac_compare.py", raw_argv, out / f"{args.name}.md", args.report_only)
     keys = {procedure_key(args, t, s) for t in args.tasks for s in args.seeds}
     if not args.report_only:
         stored = {r["key"] for r in load(jsonl)}

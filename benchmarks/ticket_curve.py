@@ -60,6 +60,7 @@ from _recipe_setup import (  # noqa: E402
     load,
     mean_std,
     parse_sizes,
+    report_command,
     run_procedures,
     setup_task,
 )
@@ -301,6 +302,12 @@ def write_plot(records: list[dict[str, Any]], path: Path, tolerance: float) -> N
         means = [statistics.fmean(r["rounds"][i]["dev_score"] for r in recs) for i in range(n)]
         ax.plot(x, means, "o-", color="black", lw=2, label="seed mean")
         ax.axhline(means[0] - tolerance, color="red", ls="--", lw=1, label=f"dense - {tolerance:g}")
+        constant = recs[0].get("constant_baseline")
+        if (
+            constant
+            and constant["dev_score"] >= min(min(r["rounds"][i]["dev_score"] for r in recs) for i in range(n)) - 5
+        ):
+            ax.axhline(constant["dev_score"], color="gray", ls=":", lw=1, label="majority label (input-blind)")
         ax.set_title(f"{task}: winning tickets (MiniLM, recipe)")
         ax.set_xlabel("sparsity of the trained blocks' weight matrices (%)")
         ax.set_ylabel("dev score (GLUE x100)")
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{args.name}.jsonl"
-    command = "python benchmarks/ticket_curve.py " + " ".join(raw_argv)
+    command = report_command("ticket_curve.py", raw_argv, out / f"{args.name}.md", args.report_only)
     if not args.report_only:
         stored = {r["key"] for r in load(jsonl)}
         todo = [(t, s) for s in args.seeds for t in args.tasks if procedure_key(args, t, s) not in stored]
