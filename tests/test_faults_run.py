@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,9 +372,10 @@ def _run_until_paused(cmd, env, cwd, processes=1):
             proc.wait(timeout=60)
             pytest.fail("the run ended before pausing:\n" + "".join(log)[-4000:])
         log.append(line)
-        if line.startswith("PAUSED"):
-            words = line.split()
-            pids[int(words[3])] = int(words[5])
+        # searched, not matched at the start: the other rank's progress bars (written with \r, no newline) can share
+        # the line the PAUSED message lands on
+        for rank, pid in re.findall(r"PAUSED \d+ rank (\d+) pid (\d+)", line):
+            pids[int(rank)] = int(pid)
     return proc, pids, log
 
 

@@ -44,9 +44,15 @@ def test_ticket_report_finds_highest_sparsity_within_tolerance(tmp_path):
         _ticket_record(43, [80.0, 79.5, 79.6, 79.8, 79.4], nocache=False),
     ]
     assert tc._within([0.0, 0.25, 0.5], [80.0, 79.6, 79.4], 0.5) == (0.25, 79.6)
+    records[0]["constant_baseline"] = {"dev_score": 74.8, "dev_metrics": {"accuracy": 0.684, "f1": 0.812}}
+    for record, accuracy in zip(records, (0.70, 0.72), strict=True):
+        record["rounds"][0]["dev_metrics"] = {"accuracy": accuracy, "f1": 0.8}
     tc.write_report(records, tmp_path / "r.md", "cmd", 0.5)
     md = (tmp_path / "r.md").read_text()
-    assert "| 3 | 57.8% | 79.40 ± 0.57 | -0.60 | 79.00 | 79.80 | 10.0 | reuse |" in md
+    assert "| 3 | 57.8% | 79.40 ± 0.57 | -0.60 | 79.00 | 79.80 | - | 10.0 | reuse |" in md  # no metrics stored
+    assert "| 80.00 | 80.00 | accuracy 71.0, f1 80.0 |" in md  # round 0: both seeds' metrics, averaged
+    assert "Input-blind reference (the training set's most frequent label for every dev row): score 74.80 " in md
+    assert "(accuracy 68.4, f1 81.2)" in md
     assert "Highest sparsity within 0.5 points of dense (seed mean): **68.4%** (score 79.60)" in md
     assert "seed 42: 68.4%, seed 43: 57.8%" in md  # seed 43: 79.4 at round 4 is 0.6 below
     assert "| 42 | 0 | fill | 20.0 / 12.0 | **0.60x** | - | - |" in md
