@@ -3,15 +3,19 @@ the runner that puts each procedure in its own single-threaded process, and host
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +143,54 @@ def host() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def add_suite_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """The options both suites share: what to run (tasks, seeds, sizes, model), how (jobs) and where to write."""
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    p.add_argument("--train-sizes", nargs="+", default=None, help="one N for all tasks or TASK=N pairs")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="first N dev rows (default: all)")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--jobs", type=int, default=1, help="procedures side by side, one thread each (default 1)")
+    p.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR)
+    p.add_argument("--out-dir", default=str(REPO / "results"))
+    p.add_argument("--name", default=name, help=f"report name (default {name})")
+    p.add_argument("--work-dir", default=None, help="keep the procedures' logs here (default: a temp dir)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the stored records")
+    p.add_argument("--procedure", default=None, help=argparse.SUPPRESS)  # TASK:SEED, internal
+
+
+def run_suite(
+    script: Path,
+    args: argparse.Namespace,
+    raw_argv: list[str],
+    procedure: Callable[[argparse.Namespace, str, int], dict[str, Any]],
+    procedure_key: Callable[[argparse.Namespace, str, int], str],
+    logger: Any,
+) -> tuple[list[dict[str, Any]], Path, str] | None:
+    """A suite's main flow. With ``--procedure TASK:SEED`` (the child process): run that one procedure, print its
+    record, return None. Otherwise run the procedures not stored yet (unless ``--report-only``) and return the records
+    of this suite's tasks and seeds, the report's path stem and the command the report names."""
+    args.train_sizes = parse_sizes(args.train_sizes, args.tasks)
+    if args.procedure:
+        task, _, seed = args.procedure.partition(":")
+        print(json.dumps(procedure(args, task, int(seed)), sort_keys=True))
+        return None
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem, jsonl = out / args.name, out / f"{args.name}.jsonl"
+    command = report_command(script.name, raw_argv, out / f"{args.name}.md", args.report_only)
+    if not args.report_only:
+        stored = {r["key"] for r in load(jsonl)}
+        todo = [(t, s) for s in args.seeds for t in args.tasks if procedure_key(args, t, s) not in stored]
+        work = Path(args.work_dir or tempfile.mkdtemp(prefix=f"{script.stem}_"))
+        base = [a for a in raw_argv if a != "--report-only"]
+        run_procedures(script.resolve(), base, todo, args.jobs, jsonl, work, logger)
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    keys = {procedure_key(args, t, s) for t in args.tasks for s in args.seeds}
+    return [r for r in load(jsonl) if r["key"] in keys], stem, command
 
 
 def report_command(script: str, raw_argv: list[str], report: Path, report_only: bool) -> str:

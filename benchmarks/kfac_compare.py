@@ -57,15 +57,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _recipe_setup import (  # noqa: E402
-    DEFAULT_GLUE_DIR,
-    DEFAULT_TASKS,
-    REPO,
+    add_suite_arguments,
     host,
-    load,
     mean_std,
-    parse_sizes,
-    report_command,
-    run_procedures,
+    run_suite,
     setup_task,
 )
 
@@ -263,21 +258,10 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
 # ----- main ------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
-    p.add_argument("--train-sizes", nargs="+", default=None, help="one N for all tasks or TASK=N pairs")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="first N dev rows (default: all)")
-    p.add_argument("--model", default="minilm")
+    add_suite_arguments(p, "kfac_compare")
     p.add_argument("--kfac-lr", type=float, default=1e-3, help="K-FAC's base LR (x10 for the trained blocks)")
     p.add_argument("--kfac-args", default="", help="K-FAC settings as optim_args, e.g. damping=0.01 (default: none)")
     p.add_argument("--logging-steps", type=int, default=5, help="training loss logged every N steps (default 5)")
-    p.add_argument("--jobs", type=int, default=1, help="procedures side by side, one thread each (default 1)")
-    p.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR)
-    p.add_argument("--out-dir", default=str(REPO / "results"))
-    p.add_argument("--name", default="kfac_compare", help="report name (default kfac_compare)")
-    p.add_argument("--work-dir", default=None, help="keep the procedures' logs here (default: a temp dir)")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from the stored records")
-    p.add_argument("--procedure", default=None, help=argparse.SUPPRESS)  # TASK:SEED, internal
     return p
 
 
@@ -286,28 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(raw_argv)
     logging.getLogger("hf_wb").setLevel(logging.WARNING)
-    args.train_sizes = parse_sizes(args.train_sizes, args.tasks)
-    if args.procedure:
-        task, _, seed = args.procedure.partition(":")
-        print(json.dumps(procedure(args, task, int(seed)), sort_keys=True))
+    suite = run_suite(Path(__file__), args, raw_argv, procedure, procedure_key, logger)
+    if suite is None:  # a child process ran one procedure
         return 0
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = out / f"{args.name}.jsonl"
-    command = report_command("kfac_compare.py", raw_argv, out / f"{args.name}.md", args.report_only)
-    keys = {procedure_key(args, t, s) for t in args.tasks for s in args.seeds}
-    if not args.report_only:
-        stored = {r["key"] for r in load(jsonl)}
-        todo = [(t, s) for s in args.seeds for t in args.tasks if procedure_key(args, t, s) not in stored]
-        work = Path(args.work_dir or tempfile.mkdtemp(prefix="kfac_compare_"))
-        base = [a for a in raw_argv if a != "--report-only"]
-        run_procedures(Path(__file__).resolve(), base, todo, args.jobs, jsonl, work, logger)
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    records = [r for r in load(jsonl) if r["key"] in keys]
-    write_report(records, out / f"{args.name}.md", command)
-    write_plot(records, out / f"{args.name}.png")
-    logger.info("report: %s", out / f"{args.name}.md")
+    records, stem, command = suite
+    write_report(records, Path(f"{stem}.md"), command)
+    write_plot(records, Path(f"{stem}.png"))
+    logger.info("report: %s", f"{stem}.md")
     return 0
 
 

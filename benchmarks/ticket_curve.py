@@ -53,15 +53,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _recipe_setup import (  # noqa: E402
-    DEFAULT_GLUE_DIR,
-    DEFAULT_TASKS,
-    REPO,
+    add_suite_arguments,
     host,
-    load,
     mean_std,
-    parse_sizes,
-    report_command,
-    run_procedures,
+    run_suite,
     setup_task,
 )
 
@@ -321,24 +316,13 @@ def write_plot(records: list[dict[str, Any]], path: Path, tolerance: float) -> N
 # ----- main ------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
-    p.add_argument("--train-sizes", nargs="+", default=None, help="one N for all tasks or TASK=N pairs")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="first N dev rows (default: all)")
-    p.add_argument("--model", default="minilm")
+    add_suite_arguments(p, "ticket_curve")
     p.add_argument("--rounds", type=int, default=5, help="pruning rounds; rounds + 1 trainings (default 5)")
     p.add_argument("--rate", type=float, default=0.35, help="share of surviving weights pruned per round (0.35)")
     p.add_argument(
         "--nocache-rounds", type=int, default=1, help="rounds rerun without the prefix cache, first seed (default 1)"
     )
     p.add_argument("--tolerance", type=float, default=0.5, help="points below dense that still count (default 0.5)")
-    p.add_argument("--jobs", type=int, default=1, help="procedures side by side, one thread each (default 1)")
-    p.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR)
-    p.add_argument("--out-dir", default=str(REPO / "results"))
-    p.add_argument("--name", default="ticket_curve", help="report name (default ticket_curve)")
-    p.add_argument("--work-dir", default=None, help="keep the procedures' logs here (default: a temp dir)")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from the stored records")
-    p.add_argument("--procedure", default=None, help=argparse.SUPPRESS)  # TASK:SEED, internal
     return p
 
 
@@ -348,29 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(raw_argv)
     logging.getLogger("hf_wb").setLevel(logging.WARNING)
     logging.getLogger("hf_wb.tickets").setLevel(logging.INFO)  # one line per round in the procedure's log
-    args.train_sizes = parse_sizes(args.train_sizes, args.tasks)
-    if args.procedure:
-        task, _, seed = args.procedure.partition(":")
-        record = procedure(args, task, int(seed))
-        print(json.dumps(record, sort_keys=True))
+    suite = run_suite(Path(__file__), args, raw_argv, procedure, procedure_key, logger)
+    if suite is None:  # a child process ran one procedure
         return 0
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = out / f"{args.name}.jsonl"
-    command = report_command("ticket_curve.py", raw_argv, out / f"{args.name}.md", args.report_only)
-    if not args.report_only:
-        stored = {r["key"] for r in load(jsonl)}
-        todo = [(t, s) for s in args.seeds for t in args.tasks if procedure_key(args, t, s) not in stored]
-        work = Path(args.work_dir or tempfile.mkdtemp(prefix="ticket_curve_"))
-        base = [a for a in raw_argv if a != "--report-only"]
-        run_procedures(Path(__file__).resolve(), base, todo, args.jobs, jsonl, work, logger)
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    keys = {procedure_key(args, t, s) for t in args.tasks for s in args.seeds}
-    records = [r for r in load(jsonl) if r["key"] in keys]
-    write_report(records, out / f"{args.name}.md", command, args.tolerance)
-    write_plot(records, out / f"{args.name}.png", args.tolerance)
-    logger.info("report: %s", out / f"{args.name}.md")
+    records, stem, command = suite
+    write_report(records, Path(f"{stem}.md"), command, args.tolerance)
+    write_plot(records, Path(f"{stem}.png"), args.tolerance)
+    logger.info("report: %s", f"{stem}.md")
     return 0
 
 
