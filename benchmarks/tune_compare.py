@@ -165,6 +165,7 @@ def timing_part(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             "ratio_cached": statistics.median(cached) / statistics.median(fulls),
             "ratio_fill": fill / statistics.median(fulls),
             "limit": 3 / blocks,
+            "command": args.command,
             **_host(),
         }
         logger.info("%s: cached trial %.3fx a full one (limit %.2f)", name, record["ratio_cached"], 3 / blocks)
@@ -237,6 +238,7 @@ def run_procedure(args: argparse.Namespace, task: str, side: str, seed: int, wor
         "best_top_layers": results["best_recipe"]["top_layers"] if side == "recipe" else None,
         "train_rows": results["search_train_rows"] + results["search_validation_rows"],
         "process_wall_s": round(time.perf_counter() - start, 1),
+        "command": args.command,
         **_host(),
     }
 
@@ -297,13 +299,21 @@ def _ms(values: list[float]) -> str:
     return f"{mean:+.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:+.2f}"
 
 
+def _measured_by(records: list[dict[str, Any]], command: str) -> list[str]:
+    """Each part's table names the command(s) that measured its records (a run of one part keeps the other's)."""
+    commands = list(dict.fromkeys(r.get("command", command) for r in records))
+    return [f"Measured by: {', '.join(f'`{c}`' for c in commands)}", ""]
+
+
 def write_report(records: list[dict[str, Any]], path: Path, command: str) -> None:
-    lines = ["# tune_compare", "", f"Command: `{command}`", ""]
+    """``command``: the current run's, for records stored before records carried their own."""
+    lines = ["# tune_compare", ""]
     timing = [r for r in records if r["part"] == "timing"]
     if timing:
         lines += [
             "## Timing: a cached recipe trial against a full fine-tuning trial (CPU time, medians)",
             "",
+            *_measured_by(timing, command),
             "| model | blocks | rows x epochs | full trial | cached trial (top 3) | ratio | limit | first (filling) trial |",  # noqa: E501
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
@@ -320,7 +330,8 @@ def write_report(records: list[dict[str, Any]], path: Path, command: str) -> Non
         lines += [
             "## Quality at equal total compute (the whole tuning procedure, same CPU budget per side)",
             "",
-            "| task | seed | budget (CPU s) | trials baseline / recipe | dev baseline | dev recipe | Δ | recipe top_layers |",  # noqa: E501
+            *_measured_by(quality, command),
+            "| task | seed | budget (CPU s) | trials (pruned) baseline / recipe | dev baseline | dev recipe | Δ | recipe top_layers |",  # noqa: E501
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         by = {(r["task"], r["seed"], r["side"]): r for r in quality}
@@ -334,14 +345,20 @@ def write_report(records: list[dict[str, Any]], path: Path, command: str) -> Non
             deltas.setdefault(task, []).append(d)
             per_seed_avg.setdefault(seed, []).append(d)
             lines.append(
-                f"| {task} | {seed} | {b['budget_cpu_s']:g} | {b['trials']} / {w['trials']} | "
+                f"| {task} | {seed} | {b['budget_cpu_s']:g} | "
+                f"{b['trials']} ({b['pruned']}) / {w['trials']} ({w['pruned']}) | "
                 f"{b['dev_score']:.2f} | {w['dev_score']:.2f} | {d:+.2f} | {w['best_top_layers']} |"
             )
         lines += ["", "| task | Δ dev (recipe - baseline), mean ± std over seeds |", "|---|---:|"]
         for task, ds in deltas.items():
             lines.append(f"| {task} | {_ms(ds)} |")
-        suite = [statistics.fmean(v) for v in per_seed_avg.values()]
-        lines.append(f"| **suite average** | **{_ms(suite)}** |")
+        # a seed's suite average is over all its tasks: a seed with a task missing (interrupted run) is left out
+        complete = {seed: statistics.fmean(v) for seed, v in per_seed_avg.items() if len(v) == len(deltas)}
+        per_seed = ", ".join(f"{seed} {avg:+.2f}" for seed, avg in sorted(complete.items()))
+        lines.append(f"| **suite average** (per seed: {per_seed}) | **{_ms(list(complete.values()))}** |")
+        if len(complete) < len(per_seed_avg):
+            missing = sorted(set(per_seed_avg) - set(complete))
+            lines.append(f"\nSeeds left out of the suite average (not every task measured yet): {missing}.")
         full = [r["cpu_per_epoch"]["off"] for r in quality if r["side"] == "baseline" and "off" in r["cpu_per_epoch"]]
         reuse = [r["cpu_per_epoch"]["reuse"] for r in quality if "reuse" in r["cpu_per_epoch"]]
         fill = [r["cpu_per_epoch"]["fill"] for r in quality if "fill" in r["cpu_per_epoch"]]
@@ -403,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jsonl, report = out / f"{args.name}.jsonl", out / f"{args.name}.md"
     command = "python benchmarks/tune_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.command = command
     if "timing" in args.parts:
         kept = [r for r in load(jsonl) if r["part"] != "timing"]
         records = timing_part(args, out)
