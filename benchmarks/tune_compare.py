@@ -48,14 +48,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _recipe_setup import append, load, parse_sizes  # noqa: E402
+
 DEFAULT_TASKS = ("cola", "mrpc", "sst2")
-DEFAULT_TRAIN_SIZES = {"cola": 900, "mrpc": 700, "sst2": 900}  # glue_compare's subsets
 SIDES = ("baseline", "recipe")
 
 logger = logging.getLogger("tune_compare")
@@ -258,8 +260,7 @@ def quality_part(args: argparse.Namespace, jsonl: Path) -> None:
         logger.info("quality: %s %s seed %d (budget %g CPU s)", task, side, seed, args.budget)
         record = run_procedure(args, task, side, seed, work)
         logger.info("  %s %s seed %d: %d trials, dev %.2f", task, side, seed, record["trials"], record["dev_score"])
-        with _append_lock:
-            append(jsonl, record)
+        append(jsonl, record)
 
     # each procedure is its own single-threaded process with a budget of its own CPU seconds, so running --jobs of
     # them side by side leaves every budget (and so the comparison) unchanged; only the wall clock shortens
@@ -270,26 +271,12 @@ def quality_part(args: argparse.Namespace, jsonl: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-_append_lock = threading.Lock()
-
-
 # ----- report ----------------------------------------------------------------------------------------------------
 def _host() -> dict[str, Any]:
     return {
         "host": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def load(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _ms(values: list[float]) -> str:
@@ -410,12 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("hf_wb").setLevel(logging.WARNING)
     args.timing_rows = {"minilm": args.minilm_rows, "bert-base-random": args.bert_rows}
-    sizes: dict[str, int | None] = {t: DEFAULT_TRAIN_SIZES.get(t) for t in args.tasks}
-    for value in args.train_sizes or []:
-        task, _, n = value.rpartition("=")
-        for t in [task] if task else args.tasks:
-            sizes[t] = None if n == "all" else int(n)
-    args.train_sizes = sizes
+    args.train_sizes = parse_sizes(args.train_sizes, args.tasks)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsonl, report = out / f"{args.name}.jsonl", out / f"{args.name}.md"
